@@ -1,0 +1,6 @@
+module.exports = {
+  spec: ["build/spec/**/*.spec.js"],
+  timeout: 60_000,
+  forbidOnly: Boolean(process.env.CI),
+  reporter: process.env.CI ? "dot" : "spec",
+};

@@ -1,0 +1,68 @@
+import type { DataSource, QueryRunner } from "typeorm";
+
+/** The few driver differences the core cares about. */
+export type DriverFamily = "sqlite" | "postgres" | "mysql" | "other";
+
+const FAMILIES: Record<string, DriverFamily> = {
+  sqlite: "sqlite",
+  "better-sqlite3": "sqlite",
+  sqljs: "sqlite",
+  capacitor: "sqlite",
+  cordova: "sqlite",
+  expo: "sqlite",
+  nativescript: "sqlite",
+  "react-native": "sqlite",
+  postgres: "postgres",
+  cockroachdb: "postgres",
+  "aurora-postgres": "postgres",
+  mysql: "mysql",
+  mariadb: "mysql",
+  "aurora-mysql": "mysql",
+};
+
+/** @internal */
+export function familyOf(dataSource: DataSource): DriverFamily {
+  return FAMILIES[String(dataSource.options.type)] ?? "other";
+}
+
+/**
+ * @internal Whether the driver hands every caller one shared QueryRunner (and so
+ * one connection), as TypeORM's SQLite drivers do. Asked of the driver itself
+ * rather than of a list of names, so that it holds for drivers we do not know.
+ */
+export function isSingleConnection(dataSource: DataSource): boolean {
+  const driver = dataSource.driver;
+  const first = driver.createQueryRunner("master");
+  const second = driver.createQueryRunner("master");
+  if (first === second) return true;
+  void first.release();
+  void second.release();
+  return false;
+}
+
+/**
+ * @internal Never let a connection whose COMMIT or ROLLBACK failed be reused: a
+ * pooled connection is destroyed; the single shared one is rolled back as far as
+ * it goes and TypeORM's idea of its state reset.
+ */
+export async function discardConnection(runner: QueryRunner, shared: boolean, error: unknown): Promise<void> {
+  if (shared) {
+    try {
+      await runner.query("ROLLBACK");
+    } catch {
+      // "no transaction is active": the state we want.
+    }
+    Object.assign(runner, { isTransactionActive: false, transactionDepth: 0 });
+    return;
+  }
+  const destroy = (runner as { releasePostgresConnection?: (error: unknown) => Promise<void> }).releasePostgresConnection;
+  try {
+    if (typeof destroy === "function") {
+      await destroy.call(runner, error instanceof Error ? error : new Error(String(error)));
+    } else {
+      await runner.release();
+    }
+  } catch {
+    // Releasing a broken connection may fail as well; it is gone either way.
+  }
+}

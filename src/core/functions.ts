@@ -1,0 +1,71 @@
+import type { SessionBody } from "./block.js";
+import { runBlock } from "./block.js";
+import type { SessionOptions } from "./options.js";
+import { defaultRegistry, type SessionRegistry } from "./registry.js";
+import type { Session } from "./session.js";
+
+/**
+ * Run `fn` with a session: the scope's own when called inside one (propagation
+ * `"required"`), else a new one that is removed (rolled back if needed, its
+ * connection released) before the returned promise settles.
+ *
+ * @param fn - the body; receives the session
+ * @param options - see {@link SessionOptions}
+ * @returns what `fn` returns
+ * @throws TypeError/RangeError (as a rejection) on invalid options
+ * @throws {@link PropagationError}, {@link NoActiveSessionError}, {@link SessionClosedError} (as rejections) where the options cannot be honoured
+ * @example
+ * ```ts
+ * const user = await withSession((s) => s.getRepository(User).findOneBy({ id }));
+ * ```
+ */
+export function withSession<T>(fn: SessionBody<T>, options?: SessionOptions): Promise<T> {
+  return runBlock(defaultRegistry, fn, options, false);
+}
+
+/**
+ * {@link withSession} with `transaction: true`: begin before `fn`, commit when it
+ * resolves, roll back and rethrow its error when it throws. Nested in an open
+ * transaction it becomes a SAVEPOINT (see `savepoint`).
+ *
+ * @param fn - the body; receives the session
+ * @param options - see {@link SessionOptions}
+ * @returns what `fn` returns, after the COMMIT and the `afterCommit` callbacks
+ * @throws {@link PropagationError} (as a rejection) for `durable`, `isolation` or `readOnly` inside an open transaction
+ * @example
+ * ```ts
+ * await withTransaction(async (s) => {
+ *   await s.getRepository(Account).decrement({ id: from }, "balance", amount);
+ *   await s.getRepository(Account).increment({ id: to }, "balance", amount);
+ * }, { isolation: "SERIALIZABLE" });
+ * ```
+ */
+export function withTransaction<T>(fn: SessionBody<T>, options?: SessionOptions): Promise<T> {
+  return runBlock(defaultRegistry, fn, options, true);
+}
+
+/**
+ * The current scope's session of `registry` (default: {@link defaultRegistry}).
+ * Throws synchronously.
+ *
+ * @throws {@link NoActiveSessionError} outside any scope
+ * @throws {@link SessionClosedError} after the scope's block ended or while it commits
+ * @example
+ * ```ts
+ * export async function findUser(id: number) {
+ *   return currentSession().getRepository(User).findOneBy({ id });
+ * }
+ * ```
+ */
+export function currentSession(registry?: SessionRegistry): Session {
+  return (registry ?? defaultRegistry).current();
+}
+
+/**
+ * Like {@link currentSession}, but `undefined` outside any scope.
+ *
+ * @throws {@link SessionClosedError} when the scope's session is closing or closed
+ */
+export function tryCurrentSession(registry?: SessionRegistry): Session | undefined {
+  return (registry ?? defaultRegistry).tryCurrent();
+}

@@ -1,0 +1,62 @@
+/**
+ * A fair (FIFO) lease on one shared resource, such as the single connection that
+ * TypeORM's SQLite drivers hand to every caller.
+ *
+ * The holder may take it again while it holds it (a count), so that the statements
+ * of one session and its transaction nest without waiting on themselves.
+ */
+export class Lease<H extends object> {
+  #holder: H | undefined;
+  #count = 0;
+  readonly #queue: { holder: H; grant: () => void }[] = [];
+
+  /** The current holder, if any. */
+  get holder(): H | undefined {
+    return this.#holder;
+  }
+
+  /** Number of holders waiting. */
+  get waiting(): number {
+    return this.#queue.length;
+  }
+
+  /**
+   * Take the lease for `holder`. Returns `undefined` when granted at once (the
+   * common case, kept synchronous), else a promise that resolves when granted.
+   */
+  acquire(holder: H): Promise<void> | undefined {
+    if (this.#holder === undefined || this.#holder === holder) {
+      this.#holder = holder;
+      this.#count += 1;
+      return undefined;
+    }
+    return new Promise<void>((resolve) => {
+      this.#queue.push({
+        holder,
+        grant: resolve,
+      });
+    });
+  }
+
+  /** Give one hold back; the last one hands the lease to the next waiter. */
+  release(holder: H): void {
+    if (this.#holder !== holder) return;
+    this.#count -= 1;
+    if (this.#count > 0) return;
+    const next = this.#queue[0];
+    this.#holder = next?.holder;
+    if (next === undefined) return;
+    // Hand over to the first waiter together with all its other waiting holds.
+    const granted = this.#queue.filter((w) => w.holder === next.holder);
+    this.#queue.splice(0, this.#queue.length, ...this.#queue.filter((w) => w.holder !== next.holder));
+    this.#count = granted.length;
+    for (const w of granted) w.grant();
+  }
+
+  /** Drop every hold of `holder` at once (a session that is being closed). */
+  releaseAll(holder: H): void {
+    if (this.#holder !== holder) return;
+    this.#count = 1;
+    this.release(holder);
+  }
+}

@@ -1,0 +1,529 @@
+import { DataSource, EntityManager, Repository } from "typeorm";
+import type { DataSourceOptions, EntityTarget, ObjectLiteral } from "typeorm";
+import { NoActiveSessionError, RegistryBusyError, RegistryNotConfiguredError, SessionClosedError } from "../errors.js";
+import { openScope, runBlock, type SessionBody } from "./block.js";
+import { type DriverFamily, familyOf, isSingleConnection } from "./driver.js";
+import { Lease } from "./lease.js";
+import { describe, type SessionOptions } from "./options.js";
+import { findScope, storage } from "./scope.js";
+import { Session, type SessionHost } from "./session.js";
+
+/** A DataSource, or a function that makes one (late binding). */
+export type DataSourceInput = DataSource | (() => DataSource | Promise<DataSource>);
+
+interface CommonRegistryOptions {
+  /**
+   * Shown in errors, events and leak reports.
+   * @default "default" for the default registry, else "registry-N"
+   */
+  name?: string;
+}
+
+/** Build the registry on an existing DataSource (initialized on first use if needed). */
+export interface DataSourceRegistryOptions extends CommonRegistryOptions {
+  dataSource: DataSourceInput;
+  url?: never;
+}
+
+/**
+ * Build the DataSource from a URL: `sqlite:./app.db`, `sqlite::memory:`,
+ * `better-sqlite3:./app.db`, `postgres://user:pw@host:5432/db`. Every other
+ * DataSource option (`entities`, `migrations`, `migrationsRun`, `synchronize`,
+ * `logging`, `extra`, ...) passes through.
+ */
+export interface UrlRegistryOptions extends CommonRegistryOptions {
+  url: string;
+  dataSource?: never;
+  entities?: DataSourceOptions["entities"];
+  migrations?: DataSourceOptions["migrations"];
+  migrationsRun?: boolean;
+  synchronize?: boolean;
+  logging?: DataSourceOptions["logging"];
+  subscribers?: DataSourceOptions["subscribers"];
+  namingStrategy?: DataSourceOptions["namingStrategy"];
+  extra?: unknown;
+  [option: string]: unknown;
+}
+
+/** Options of {@link createSessionRegistry}, {@link configureSessions} and {@link SessionRegistry.configure}. */
+export type SessionRegistryOptions = DataSourceRegistryOptions | UrlRegistryOptions | CommonRegistryOptions;
+
+/** Payload of every registry event. */
+export interface SessionEvent {
+  /** The session concerned; use `session.id` to correlate events. */
+  readonly session: Session;
+  /** The session's label (its `name` option or method name). */
+  readonly name: string | undefined;
+  /** On `commit`, `rollback` and `close`: how long the transaction or session lasted. */
+  readonly durationMs?: number;
+  /** On `error` (and on a `rollback` caused by a failed COMMIT): what went wrong. */
+  readonly error?: unknown;
+  /** On `begin`, `commit` and `rollback`: whether this was a savepoint of an outer transaction. */
+  readonly savepoint?: boolean;
+}
+
+/** Names of registry events. */
+export type SessionEventName = "open" | "connect" | "begin" | "commit" | "rollback" | "close" | "error";
+
+/** A listener of registry events. */
+export type SessionListener = (event: SessionEvent) => void;
+
+/** Counters of a registry, from {@link SessionRegistry.stats}. */
+export interface SessionStats {
+  /** Sessions open now. */
+  readonly active: number;
+  /** Most sessions open at once. */
+  readonly peak: number;
+  readonly opened: number;
+  readonly closed: number;
+  /** Outermost transactions committed. */
+  readonly commits: number;
+  /** Outermost transactions rolled back. */
+  readonly rollbacks: number;
+}
+
+const EVENT_NAMES: readonly SessionEventName[] = ["open", "connect", "begin", "commit", "rollback", "close", "error"];
+
+/** Leases of single-connection DataSources, shared by every registry that uses one. */
+const leases = new WeakMap<DataSource, Lease<Session> | null>();
+
+let registries = 0;
+
+/**
+ * A scoped session registry: the Node counterpart of SQLAlchemy's
+ * `scoped_session`. Each unit of work (a block, a request, a job) gets its own
+ * {@link Session}, found by any code running inside it through
+ * {@link SessionRegistry.current}.
+ *
+ * @example
+ * ```ts
+ * const db = createSessionRegistry({ url: "sqlite:./app.db", entities: [User] });
+ * const users = db.getRepository(User); // safe to share: resolves per scope
+ * await db.withSession(() => users.findOneBy({ id: 1 }));
+ * ```
+ */
+export class SessionRegistry {
+  /** Label used in errors, events and leak reports. */
+  readonly name: string;
+
+  #input: DataSourceInput | undefined;
+  #host: SessionHost | undefined;
+  #initializing: Promise<SessionHost> | undefined;
+  readonly #listeners = new Map<SessionEventName, SessionListener[]>();
+  readonly #repositories = new Map<EntityTarget<ObjectLiteral>, object>();
+  #manager: EntityManager | undefined;
+  #active = 0;
+  #peak = 0;
+  #opened = 0;
+  #closed = 0;
+  #commits = 0;
+  #rollbacks = 0;
+
+  /** Use {@link createSessionRegistry}. */
+  constructor(options: SessionRegistryOptions = {}) {
+    if (typeof options !== "object" || options === null) {
+      throw new TypeError(`Expected registry options to be an object, got ${describe(options)}`);
+    }
+    if (options.name !== undefined && typeof options.name !== "string") {
+      throw new TypeError(`Expected \`name\` to be a string, got ${describe(options.name)}`);
+    }
+    this.name = options.name ?? `registry-${++registries}`;
+    this.#input = dataSourceInput(options);
+  }
+
+  /** The DataSource, once the registry has one and it is initialized. */
+  get dataSource(): DataSource | undefined {
+    return this.#host?.dataSource;
+  }
+
+  /**
+   * Late binding: give the registry its data source (or a new one). Like an
+   * application factory that creates the engine after import.
+   *
+   * @throws {@link RegistryBusyError} while sessions of this registry are open
+   * @example
+   * ```ts
+   * configureSessions({ dataSource: () => createDataSource(config) });
+   * ```
+   */
+  configure(options: SessionRegistryOptions): void {
+    if (typeof options !== "object" || options === null) {
+      throw new TypeError(`Expected registry options to be an object, got ${describe(options)}`);
+    }
+    if (this.#active > 0) throw new RegistryBusyError(this.name, this.#active);
+    this.#input = dataSourceInput(options);
+    this.#host = undefined;
+    this.#initializing = undefined;
+  }
+
+  /**
+   * Run `fn` with a session of this registry. See {@link withSession}.
+   *
+   * @example
+   * ```ts
+   * const user = await db.withSession((s) => s.getRepository(User).findOneBy({ id }));
+   * ```
+   */
+  withSession<T>(fn: SessionBody<T>, options?: SessionOptions): Promise<T> {
+    return runBlock(this, fn, options, false);
+  }
+
+  /**
+   * Run `fn` in a transaction of this registry. See {@link withTransaction}.
+   *
+   * @example
+   * ```ts
+   * await db.withTransaction(async (s) => { await s.getRepository(Order).save(order) });
+   * ```
+   */
+  withTransaction<T>(fn: SessionBody<T>, options?: SessionOptions): Promise<T> {
+    return runBlock(this, fn, options, true);
+  }
+
+  /**
+   * Run `fn` in a new scope whose session is created on first use of
+   * {@link current} (or the proxies) and removed when `fn` settles.
+   *
+   * @returns `fn`'s result
+   * @example
+   * ```ts
+   * await db.scope(async () => { await handleRequest(); }); // no query, no connection
+   * ```
+   */
+  scope<T>(fn: () => T | Promise<T>): Promise<T> {
+    return openScope(this, fn);
+  }
+
+  /**
+   * The session of the current scope, created on first call inside a
+   * {@link scope}. Throws synchronously.
+   *
+   * @throws {@link NoActiveSessionError} outside any scope of this registry
+   * @throws {@link SessionClosedError} when the scope's block has ended or is committing
+   * @example
+   * ```ts
+   * async function audit(msg: string) { await db.current().query("INSERT INTO audit(msg) VALUES (?)", [msg]); }
+   * ```
+   */
+  current(): Session {
+    const session = this.tryCurrent();
+    if (session === undefined) throw new NoActiveSessionError(this.name);
+    return session;
+  }
+
+  /**
+   * The session of the current scope if there is one, else `undefined`. Never
+   * creates one.
+   *
+   * @throws {@link SessionClosedError} when the scope's session is closing or closed
+   */
+  tryCurrent(): Session | undefined {
+    const frame = storage.getStore();
+    const scope = findScope(frame, this);
+    if (scope === undefined) return undefined;
+    const session = scope.session;
+    if (session === undefined) {
+      if (scope.ended) throw new SessionClosedError(`The session of registry "${this.name}"`, "its scope has ended");
+      // Inside scope(): the session is created on first use.
+      return (scope.session = this._host().createSession(undefined));
+    }
+    if (!session._usableFrom(frame)) throw session._closedError();
+    return session;
+  }
+
+  /**
+   * Close the current scope's session now: roll back an open transaction,
+   * release the connection, forget it (the next {@link current} creates a new
+   * one). Idempotent; does nothing outside a scope.
+   */
+  async remove(): Promise<void> {
+    const scope = findScope(storage.getStore(), this);
+    const session = scope?.session;
+    if (scope === undefined || session === undefined) return;
+    scope.session = undefined;
+    await session._runCallbacks(await session._close());
+  }
+
+  /**
+   * An `EntityManager` that resolves, call by call, to the current scope's
+   * session. Getting it never fails; calling it outside a scope rejects with
+   * {@link NoActiveSessionError}.
+   */
+  get manager(): EntityManager {
+    return (this.#manager ??= scopedProxy(this, EntityManager.prototype, (s) => s.manager, MANAGER_SYNC));
+  }
+
+  /**
+   * A repository that resolves, call by call, to the current scope's session: a
+   * module-level `const users = db.getRepository(User)` is safe to share.
+   *
+   * @param target - the entity class, schema or name
+   */
+  getRepository<E extends ObjectLiteral>(target: EntityTarget<E>): Repository<E> {
+    let repository = this.#repositories.get(target);
+    if (repository === undefined) {
+      repository = scopedProxy(this, Repository.prototype, (s) => s.getRepository(target), REPOSITORY_SYNC);
+      this.#repositories.set(target, repository);
+    }
+    return repository as Repository<E>;
+  }
+
+  /**
+   * Listen to an event: `open`, `connect` (a connection was actually taken),
+   * `begin`, `commit`, `rollback`, `close`, `error` (a failure that could not be
+   * thrown to anyone, such as a failed rollback or an `afterCommit` callback that
+   * threw). Without an `error` listener such failures become process warnings.
+   *
+   * @example
+   * ```ts
+   * db.on("commit", ({ session, durationMs }) => log.debug(`#${session.id} committed in ${durationMs} ms`));
+   * ```
+   */
+  on(event: SessionEventName, listener: SessionListener): this {
+    if (!EVENT_NAMES.includes(event)) {
+      throw new RangeError(`Expected an event name (${EVENT_NAMES.join(", ")}), got ${describe(event)}`);
+    }
+    if (typeof listener !== "function") {
+      throw new TypeError(`Expected the listener to be a function, got ${describe(listener)}`);
+    }
+    this.#listeners.set(event, [...(this.#listeners.get(event) ?? []), listener]);
+    return this;
+  }
+
+  /** Remove a listener added with {@link on}. */
+  off(event: SessionEventName, listener: SessionListener): this {
+    const list = this.#listeners.get(event);
+    if (list !== undefined) this.#listeners.set(event, list.filter((l) => l !== listener));
+    return this;
+  }
+
+  /** Counters since the registry was created. */
+  stats(): SessionStats {
+    return {
+      active: this.#active,
+      peak: this.#peak,
+      opened: this.#opened,
+      closed: this.#closed,
+      commits: this.#commits,
+      rollbacks: this.#rollbacks,
+    };
+  }
+
+  /**
+   * @internal The initialized host, or a rejection. Synchronous once ready, so
+   * that a block costs no extra tick after the first one.
+   */
+  _ready(): SessionHost | Promise<SessionHost> {
+    return this.#host ?? (this.#initializing ??= this.#initialize());
+  }
+
+  /** @internal The host of a registry that is known to be ready. */
+  _host(): SessionHost & { createSession(name: string | undefined): Session } {
+    const host = this.#host;
+    if (host === undefined) throw new RegistryNotConfiguredError(this.name);
+    return host as SessionHost & { createSession(name: string | undefined): Session };
+  }
+
+  async #initialize(): Promise<SessionHost> {
+    const input = this.#input;
+    try {
+      if (input === undefined) throw new RegistryNotConfiguredError(this.name);
+      const dataSource = typeof input === "function" ? await input() : input;
+      if (!(dataSource instanceof DataSource)) {
+        throw new TypeError(`Expected \`dataSource\` to be a TypeORM DataSource, got ${describe(dataSource)}`);
+      }
+      if (!dataSource.isInitialized) await dataSource.initialize();
+      if (this.#input !== input) return await this._ready(); // reconfigured meanwhile
+      this.#host = this.#makeHost(dataSource);
+      return this.#host;
+    } catch (error) {
+      if (this.#input === input) this.#initializing = undefined; // let a later block try again
+      throw error;
+    }
+  }
+
+  #makeHost(dataSource: DataSource): SessionHost & { createSession(name: string | undefined): Session } {
+    let lease = leases.get(dataSource);
+    if (lease === undefined) {
+      lease = isSingleConnection(dataSource) ? new Lease<Session>() : null;
+      leases.set(dataSource, lease);
+    }
+    const family: DriverFamily = familyOf(dataSource);
+    const host = {
+      dataSource,
+      family,
+      lease: lease ?? undefined,
+      createSession: (name: string | undefined): Session => {
+        const session = new Session(this, host, name);
+        this.#opened += 1;
+        this.#active += 1;
+        if (this.#active > this.#peak) this.#peak = this.#active;
+        this.#emit("open", session);
+        return session;
+      },
+      emit: (event: SessionEventName, session: Session, extra?: object): void => {
+        if (event === "commit" && !(extra as SessionEvent | undefined)?.savepoint) this.#commits += 1;
+        if (event === "rollback" && !(extra as SessionEvent | undefined)?.savepoint) this.#rollbacks += 1;
+        this.#emit(event, session, extra);
+      },
+      reportError: (session: Session, error: unknown): void => {
+        this.#emit("error", session, { error });
+      },
+      closed: (session: Session, durationMs: number): void => {
+        this.#active -= 1;
+        this.#closed += 1;
+        this.#emit("close", session, { durationMs });
+      },
+    };
+    return host;
+  }
+
+  #emit(event: SessionEventName, session: Session, extra?: object): void {
+    const listeners = this.#listeners.get(event);
+    if (listeners === undefined || listeners.length === 0) {
+      if (event === "error") warn(this.name, session, (extra as SessionEvent).error);
+      return;
+    }
+    const payload: SessionEvent = { session, name: session.name, ...extra };
+    for (const listener of listeners) {
+      try {
+        listener(payload);
+      } catch (error) {
+        if (event === "error") warn(this.name, session, error);
+        else this.#emit("error", session, { error });
+      }
+    }
+  }
+}
+
+function warn(registry: string, session: Session, error: unknown): void {
+  process.emitWarning(
+    `typeorm-scoped-session: ${String(session)} of registry "${registry}": ${error instanceof Error ? (error.stack ?? error.message) : String(error)}` +
+      ` (add an "error" listener to the registry to handle this yourself)`,
+    { code: "TYPEORM_SCOPED_SESSION_ERROR" },
+  );
+}
+
+function dataSourceInput(options: SessionRegistryOptions): DataSourceInput | undefined {
+  if ("dataSource" in options && options.dataSource !== undefined) {
+    if ("url" in options && options.url !== undefined) {
+      throw new TypeError("Pass either `dataSource` or `url` to the registry, not both");
+    }
+    const input = options.dataSource;
+    if (!(input instanceof DataSource) && typeof input !== "function") {
+      throw new TypeError(`Expected \`dataSource\` to be a DataSource or a function returning one, got ${describe(input)}`);
+    }
+    return input;
+  }
+  if ("url" in options && options.url !== undefined) {
+    const { url, name: _name, ...rest } = options as UrlRegistryOptions;
+    return new DataSource({ ...rest, ...parseUrl(url) } as DataSourceOptions);
+  }
+  return undefined;
+}
+
+/**
+ * `sqlite:PATH`, `sqlite::memory:`, `better-sqlite3:PATH`, `postgres://...` (or
+ * `postgresql://...`) to the DataSource options that select the driver.
+ */
+export function parseUrl(url: unknown): { type: string; database?: string; url?: string } {
+  if (typeof url !== "string") throw new TypeError(`Expected \`url\` to be a string, got ${describe(url)}`);
+  const match = /^(sqlite|better-sqlite3|postgres|postgresql):(.*)$/.exec(url);
+  if (match === null) {
+    throw new RangeError(
+      `Expected \`url\` to start with sqlite:, better-sqlite3:, postgres:// or postgresql://, got ${describe(url)}`,
+    );
+  }
+  const [, scheme, rest] = match as unknown as [string, string, string];
+  if (scheme === "postgres" || scheme === "postgresql") {
+    if (!rest.startsWith("//")) throw new RangeError(`Expected \`url\` of the form postgres://user:pw@host:5432/db, got ${describe(url)}`);
+    return { type: "postgres", url };
+  }
+  const database = rest.startsWith("//") ? rest.slice(2) : rest;
+  if (database === "") throw new RangeError(`Expected a database path after "${scheme}:", got ${describe(url)}`);
+  return { type: scheme, database };
+}
+
+/** Methods that return their result synchronously: outside a scope they throw rather than reject. */
+const MANAGER_SYNC = new Set<PropertyKey>([
+  "create",
+  "merge",
+  "getRepository",
+  "getTreeRepository",
+  "getMongoRepository",
+  "withRepository",
+  "getCustomRepository",
+  "createQueryBuilder",
+  "hasId",
+  "getId",
+]);
+const REPOSITORY_SYNC = new Set<PropertyKey>(["create", "merge", "hasId", "getId", "createQueryBuilder", "extend"]);
+
+/**
+ * A stand-in for an object of the current scope's session: every method call
+ * and property read is forwarded to the object `resolve` gives for the session
+ * current at that moment.
+ */
+function scopedProxy<T extends object>(
+  registry: SessionRegistry,
+  prototype: object,
+  resolve: (session: Session) => T,
+  synchronous: ReadonlySet<PropertyKey>,
+): T {
+  const methods = new Map<PropertyKey, (...args: unknown[]) => unknown>();
+  return new Proxy({} as T, {
+    get(_target, property) {
+      // Not a thenable, and quiet under inspection, so that it can be returned from async code.
+      if (property === "then" || typeof property === "symbol") return undefined;
+      if (typeof (prototype as Record<PropertyKey, unknown>)[property] !== "function") {
+        return (resolve(registry.current()) as Record<PropertyKey, unknown>)[property];
+      }
+      let method = methods.get(property);
+      if (method === undefined) {
+        const sync = synchronous.has(property);
+        method = function (this: unknown, ...args: unknown[]): unknown {
+          let target: Record<PropertyKey, (...a: unknown[]) => unknown>;
+          try {
+            target = resolve(registry.current()) as unknown as typeof target;
+          } catch (error) {
+            if (sync) throw error;
+            return Promise.reject(error);
+          }
+          return target[property]!(...args);
+        };
+        methods.set(property, method);
+      }
+      return method;
+    },
+  });
+}
+
+/**
+ * Create a registry. Several registries (several databases) live side by side.
+ *
+ * @param options - `dataSource` (or a function returning one), or `url` plus DataSource options; `name`
+ * @throws TypeError/RangeError on invalid options
+ * @example
+ * ```ts
+ * export const db = createSessionRegistry({ url: "postgres://app@localhost/app", entities: [User], name: "main" });
+ * ```
+ */
+export function createSessionRegistry(options?: SessionRegistryOptions): SessionRegistry {
+  return new SessionRegistry(options);
+}
+
+/** The registry used by the bare functions ({@link withSession}, {@link currentSession}, ...). */
+export const defaultRegistry: SessionRegistry = new SessionRegistry({ name: "default" });
+
+/**
+ * Configure {@link defaultRegistry}: give it a DataSource (or a function making one) or a URL.
+ *
+ * @throws {@link RegistryBusyError} while its sessions are open
+ * @example
+ * ```ts
+ * configureSessions({ dataSource: AppDataSource });
+ * ```
+ */
+export function configureSessions(options: SessionRegistryOptions): void {
+  defaultRegistry.configure(options);
+}

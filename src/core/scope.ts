@@ -1,0 +1,48 @@
+import { AsyncLocalStorage } from "node:async_hooks";
+import type { Session } from "./session.js";
+import type { SessionRegistry } from "./registry.js";
+
+/**
+ * The unit of scoping: what `registry.current()` returns for one web request,
+ * cron tick or job. Its session is created on first use and removed when the
+ * block that opened the scope settles.
+ */
+export interface Scope {
+  readonly registry: SessionRegistry;
+  session: Session | undefined;
+  /** Set once the block that opened the scope has settled. */
+  ended: boolean;
+}
+
+/**
+ * What the AsyncLocalStorage holds: one frame per block that needs its own
+ * context (a new scope, or a transaction level it owns). Frames chain to the
+ * frame they were opened in, so several registries nest in one context and an
+ * owner can recognise work that runs inside its own block.
+ */
+export interface Frame {
+  readonly scope: Scope;
+  readonly parent: Frame | undefined;
+}
+
+/**
+ * One storage for every registry of this module instance: enabling more than one
+ * AsyncLocalStorage slows every async operation in the process on Node 20.
+ */
+export const storage = new AsyncLocalStorage<Frame>();
+
+/** The innermost scope of `registry` in the chain starting at `frame`. */
+export function findScope(frame: Frame | undefined, registry: SessionRegistry): Scope | undefined {
+  for (let f = frame; f !== undefined; f = f.parent) {
+    if (f.scope.registry === registry) return f.scope;
+  }
+  return undefined;
+}
+
+/** Whether `frame` is `ancestor` or runs inside it. */
+export function isWithin(frame: Frame | undefined, ancestor: Frame): boolean {
+  for (let f = frame; f !== undefined; f = f.parent) {
+    if (f === ancestor) return true;
+  }
+  return false;
+}

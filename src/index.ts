@@ -1,0 +1,34 @@
+export {
+  configureSessions,
+  createSessionRegistry,
+  defaultRegistry,
+  parseUrl,
+  SessionRegistry,
+} from "./core/registry.js";
+export type {
+  DataSourceInput,
+  DataSourceRegistryOptions,
+  SessionEvent,
+  SessionEventName,
+  SessionListener,
+  SessionRegistryOptions,
+  SessionStats,
+  UrlRegistryOptions,
+} from "./core/registry.js";
+export { currentSession, tryCurrentSession, withSession, withTransaction } from "./core/functions.js";
+export type { SessionBody } from "./core/block.js";
+export type { IsolationLevel, Propagation, SessionOptions } from "./core/options.js";
+export { Session } from "./core/session.js";
+export type { SessionCallback } from "./core/session.js";
+export {
+  NoActiveSessionError,
+  PropagationError,
+  RegistryBusyError,
+  RegistryClosedError,
+  RegistryNotConfiguredError,
+  SessionClosedError,
+  SessionError,
+  SessionTimeoutError,
+  TransactionNotActiveError,
+} from "./errors.js";
+export type { SessionErrorCode } from "./errors.js";

@@ -1,0 +1,231 @@
+import { expect } from "chai";
+import { NoActiveSessionError, PropagationError, type Session, type SessionRegistry } from "../src/index.js";
+import { Note } from "./support/entities.js";
+import { TempSqlite } from "./support/sqlite.js";
+import { recordEvents, rejectionOf } from "./support/util.js";
+
+class Boom extends Error {}
+
+describe("propagation", () => {
+  let db: TempSqlite;
+  let reg: SessionRegistry;
+  beforeEach(() => {
+    db = new TempSqlite();
+    reg = db.registry();
+  });
+  afterEach(() => db.dispose());
+
+  const bodies = () => reg.withSession(async (s) => (await s.getRepository(Note).find({ order: { id: "ASC" } })).map((n) => n.body));
+  const insert = (s: Session, body: string) => s.getRepository(Note).insert({ body, block: null });
+
+  describe('"required" (the default)', () => {
+    it("joins the scope's session: the same Session object, no new session or connection", async () => {
+      const { log } = recordEvents(reg, ["open", "connect"]);
+      await reg.withSession(async (outer) => {
+        await outer.query("SELECT 1");
+        await reg.withSession(async (inner) => {
+          expect(inner).to.equal(outer);
+          await reg.withTransaction(async (tx) => expect(tx).to.equal(outer));
+        });
+      });
+      expect(log).to.have.length(2);
+    });
+
+    it("outside any scope opens a new one", async () => {
+      const ids = await Promise.all([reg.withSession((s) => s.id), reg.withSession((s) => s.id)]);
+      expect(ids[0]).not.to.equal(ids[1]);
+    });
+  });
+
+  describe('"requiresNew"', () => {
+    it("opens a separate session and leaves the outer one as it was", async () => {
+      await reg.withSession(async (outer) => {
+        await reg.withSession(
+          async (inner) => {
+            expect(inner).not.to.equal(outer);
+            expect(reg.current()).to.equal(inner);
+          },
+          { propagation: "requiresNew" },
+        );
+        expect(reg.current()).to.equal(outer);
+      });
+    });
+  });
+
+  describe('"mandatory"', () => {
+    it("rejects with NoActiveSessionError outside any scope", async () => {
+      const error = await rejectionOf(reg.withSession(async () => 1, { propagation: "mandatory", name: "settle" }));
+      expect(error).to.be.instanceOf(NoActiveSessionError);
+      expect((error as Error).message).to.match(/"mandatory" \(settle\).*withSession/s);
+    });
+
+    it("joins inside a scope", async () => {
+      await reg.withSession(async (outer) => {
+        expect(await reg.withSession((s) => s, { propagation: "mandatory" })).to.equal(outer);
+      });
+    });
+  });
+
+  describe("savepoint", () => {
+    it("default: a nested failing block undoes only its own work", async () => {
+      await reg.withTransaction(async (s) => {
+        await insert(s, "outer 1");
+        const error = await rejectionOf(
+          reg.withTransaction(async (inner) => {
+            await insert(inner, "inner");
+            throw new Boom("inner");
+          }),
+        );
+        expect(error).to.be.instanceOf(Boom);
+        await insert(s, "outer 2");
+      });
+      expect(await bodies()).to.deep.equal(["outer 1", "outer 2"]);
+    });
+
+    it("nested savepoints three deep each undo their own work", async () => {
+      await reg.withTransaction(async (s) => {
+        await insert(s, "a");
+        await reg.withTransaction(async () => {
+          await insert(s, "b");
+          await rejectionOf(
+            reg.withTransaction(async () => {
+              await insert(s, "c");
+              throw new Boom("c");
+            }),
+          );
+          await insert(s, "d");
+        });
+      });
+      expect(await bodies()).to.deep.equal(["a", "b", "d"]);
+    });
+
+    it("false: an inner failure the outer body catches rolls the outer back and rejects with PropagationError naming the inner block", async () => {
+      const error = await rejectionOf(
+        reg.withTransaction(async (s) => {
+          await insert(s, "outer");
+          await rejectionOf(
+            reg.withTransaction(
+              async (inner) => {
+                await insert(inner, "inner");
+                throw new Boom("inner");
+              },
+              { savepoint: false, name: "chargeCard" },
+            ),
+          );
+          return "the outer body thinks all is well";
+        }),
+      );
+      expect(error).to.be.instanceOf(PropagationError);
+      expect((error as Error).message).to.match(/"chargeCard".*savepoint: false/s);
+      expect(await bodies()).to.deep.equal([]);
+    });
+
+    it("false: an inner failure that propagates rolls everything back with the inner error", async () => {
+      const boom = new Boom("inner");
+      const error = await rejectionOf(
+        reg.withTransaction(async (s) => {
+          await insert(s, "outer");
+          await reg.withTransaction(
+            async () => {
+              throw boom;
+            },
+            { savepoint: false },
+          );
+        }),
+      );
+      expect(error).to.equal(boom);
+      expect(await bodies()).to.deep.equal([]);
+    });
+
+    it("false: a successful inner block simply joins (no SAVEPOINT)", async () => {
+      const { log } = recordEvents(reg, ["begin"]);
+      await reg.withTransaction(async () => {
+        await reg.withTransaction((inner) => insert(inner, "joined"), { savepoint: false });
+      });
+      expect(log).to.have.length(1);
+      expect(await bodies()).to.deep.equal(["joined"]);
+    });
+  });
+
+  describe("durable", () => {
+    it("is fine as the outermost transaction", async () => {
+      await reg.withTransaction((s) => insert(s, "durable"), { durable: true });
+      expect(await bodies()).to.deep.equal(["durable"]);
+    });
+
+    it("rejects with PropagationError inside another transaction", async () => {
+      await reg.withTransaction(async () => {
+        const error = await rejectionOf(reg.withTransaction(async () => 1, { durable: true, name: "ledger" }));
+        expect(error).to.be.instanceOf(PropagationError);
+        expect((error as Error).message).to.match(/"ledger" is durable/);
+      });
+    });
+  });
+
+  describe("guarantee 7: options that cannot apply to a joined transaction", () => {
+    for (const [option, value] of [
+      ["isolation", "SERIALIZABLE"],
+      ["readOnly", true],
+    ] as const) {
+      it(`${option} on a nested block rejects with PropagationError`, async () => {
+        await reg.withTransaction(async () => {
+          const error = await rejectionOf(reg.withTransaction(async () => 1, { [option]: value }));
+          expect(error).to.be.instanceOf(PropagationError);
+          expect((error as Error).message).to.include(option === "isolation" ? "isolation SERIALIZABLE" : "readOnly");
+        });
+      });
+    }
+
+    it("isolation applies to an outermost block", async () => {
+      await reg.withTransaction((s) => insert(s, "serializable"), { isolation: "SERIALIZABLE" });
+      expect(await bodies()).to.deep.equal(["serializable"]);
+    });
+  });
+
+  describe("readOnly", () => {
+    it("refuses writes inside, and the connection is writable again after", async () => {
+      const error = await rejectionOf(reg.withTransaction((s) => insert(s, "nope"), { readOnly: true }));
+      expect(String(error)).to.match(/readonly|query_only|attempt to write/i);
+      expect(await reg.withTransaction(async (s) => (await s.getRepository(Note).count(), "reads work"), { readOnly: true })).to.equal(
+        "reads work",
+      );
+      await reg.withTransaction((s) => insert(s, "writable again"));
+      expect(await bodies()).to.deep.equal(["writable again"]);
+    });
+  });
+
+  describe("sibling blocks of one session", () => {
+    it("concurrent transactional blocks joining one scope take turns, each atomic", async () => {
+      await reg.withSession(async () => {
+        const outcomes = await Promise.allSettled(
+          [0, 1, 2, 3].map((i) =>
+            reg.withTransaction(async (s) => {
+              await insert(s, `sibling ${i} a`);
+              await new Promise<void>((r) => setImmediate(r));
+              await insert(s, `sibling ${i} b`);
+              if (i % 2 === 1) throw new Boom(`sibling ${i}`);
+            }),
+          ),
+        );
+        expect(outcomes.map((o) => o.status)).to.deep.equal(["fulfilled", "rejected", "fulfilled", "rejected"]);
+      });
+      expect(await bodies()).to.deep.equal(["sibling 0 a", "sibling 0 b", "sibling 2 a", "sibling 2 b"]);
+    });
+
+    it("concurrent savepoint blocks inside one transaction take turns, each undoing only its own work", async () => {
+      await reg.withTransaction(async () => {
+        await Promise.allSettled(
+          [0, 1, 2, 3].map((i) =>
+            reg.withTransaction(async (s) => {
+              await insert(s, `sp ${i} a`);
+              await new Promise<void>((r) => setImmediate(r));
+              await insert(s, `sp ${i} b`);
+              if (i % 2 === 1) throw new Boom(`sp ${i}`);
+            }),
+          ),
+        );
+      });
+      expect(await bodies()).to.deep.equal(["sp 0 a", "sp 0 b", "sp 2 a", "sp 2 b"]);
+    });
+  });
+});

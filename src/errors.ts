@@ -152,6 +152,9 @@ export class TransactionNotActiveError extends SessionError {
   readonly code = "ERR_NO_TRANSACTION";
 
   constructor(session: string, action: string) {
-    super(`${session}: ${action}() was called but no transaction is open. Call begin() first.`);
+    super(
+      `${session}: ${action}() was called but no transaction of this caller is open (none at all, or one ` +
+        `that another block of the session still runs). Call begin() first, or let withTransaction() end it.`,
+    );
   }
 }

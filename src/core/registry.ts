@@ -206,9 +206,13 @@ export class SessionRegistry {
    * ```
    */
   current(): Session {
-    const session = this.tryCurrent();
-    if (session === undefined) throw new NoActiveSessionError(this.name);
-    return session;
+    const scope = findScope(storage.getStore(), this);
+    if (scope === undefined) throw new NoActiveSessionError(this.name);
+    if (scope.session === undefined && !scope.ended) {
+      // Inside scope(): the session is created on first use.
+      scope.session = this._host().createSession(undefined);
+    }
+    return this.tryCurrent()!;
   }
 
   /**
@@ -224,8 +228,7 @@ export class SessionRegistry {
     const session = scope.session;
     if (session === undefined) {
       if (scope.ended) throw new SessionClosedError(`The session of registry "${this.name}"`, "its scope has ended");
-      // Inside scope(): the session is created on first use.
-      return (scope.session = this._host().createSession(undefined));
+      return undefined;
     }
     if (!session._usableFrom(frame)) throw session._closedError();
     return session;
@@ -314,7 +317,16 @@ export class SessionRegistry {
    * that a block costs no extra tick after the first one.
    */
   _ready(): SessionHost | Promise<SessionHost> {
-    return this.#host ?? (this.#initializing ??= this.#initialize());
+    if (this.#host !== undefined) return this.#host;
+    if (this.#initializing === undefined) {
+      const initializing = this.#initialize();
+      this.#initializing = initializing;
+      // A failed initialization is not cached: the next block tries again.
+      initializing.catch(() => {
+        if (this.#initializing === initializing) this.#initializing = undefined;
+      });
+    }
+    return this.#initializing;
   }
 
   /** @internal The host of a registry that is known to be ready. */
@@ -326,20 +338,15 @@ export class SessionRegistry {
 
   async #initialize(): Promise<SessionHost> {
     const input = this.#input;
-    try {
-      if (input === undefined) throw new RegistryNotConfiguredError(this.name);
-      const dataSource = typeof input === "function" ? await input() : input;
-      if (!(dataSource instanceof DataSource)) {
-        throw new TypeError(`Expected \`dataSource\` to be a TypeORM DataSource, got ${describe(dataSource)}`);
-      }
-      if (!dataSource.isInitialized) await dataSource.initialize();
-      if (this.#input !== input) return await this._ready(); // reconfigured meanwhile
-      this.#host = this.#makeHost(dataSource);
-      return this.#host;
-    } catch (error) {
-      if (this.#input === input) this.#initializing = undefined; // let a later block try again
-      throw error;
+    if (input === undefined) throw new RegistryNotConfiguredError(this.name);
+    const dataSource = typeof input === "function" ? await input() : input;
+    if (!(dataSource instanceof DataSource)) {
+      throw new TypeError(`Expected \`dataSource\` to be a TypeORM DataSource, got ${describe(dataSource)}`);
     }
+    if (!dataSource.isInitialized) await dataSource.initialize();
+    if (this.#input !== input) return this._ready(); // reconfigured meanwhile: use the new one
+    this.#host = this.#makeHost(dataSource);
+    return this.#host;
   }
 
   #makeHost(dataSource: DataSource): SessionHost & { createSession(name: string | undefined): Session } {

@@ -214,8 +214,7 @@ export class Session {
    * @throws {@link TransactionNotActiveError} (as a rejection) when no transaction is open
    */
   async commit(): Promise<void> {
-    const top = this.#levels.at(-1);
-    if (top === undefined) throw new TransactionNotActiveError(String(this), "commit");
+    const top = this.#ownTop("commit");
     const outcome = await this._exit(top, true);
     await this._runCallbacks(outcome.callbacks);
     if ("error" in outcome) throw outcome.error;
@@ -228,8 +227,7 @@ export class Session {
    * @throws {@link TransactionNotActiveError} (as a rejection) when no transaction is open
    */
   async rollback(): Promise<void> {
-    const top = this.#levels.at(-1);
-    if (top === undefined) throw new TransactionNotActiveError(String(this), "rollback");
+    const top = this.#ownTop("rollback");
     const outcome = await this._exit(top, false);
     await this._runCallbacks(outcome.callbacks);
   }
@@ -416,6 +414,18 @@ export class Session {
       detail = "its connection was discarded after a failed COMMIT or ROLLBACK";
     }
     return new SessionClosedError(String(this), detail);
+  }
+
+  /**
+   * The innermost level, if the caller may end it: a late continuation must not
+   * end the transaction of the block that is committing, nor a sibling block's.
+   */
+  #ownTop(action: string): Level {
+    const frame = storage.getStore();
+    this.#assertUsable(frame);
+    const top = this.#levels.at(-1);
+    if (top === undefined || !this.#mayRun(frame)) throw new TransactionNotActiveError(String(this), action);
+    return top;
   }
 
   #assertUsable(frame: Frame | undefined): void {

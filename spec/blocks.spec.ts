@@ -43,15 +43,13 @@ describe("blocks", () => {
         it(`when the body ${what} (transaction: ${transaction})`, async () => {
           const { log } = recordEvents(reg, ["open", "close"]);
           let session: Session | undefined;
-          const outcome = await Promise.allSettled([
-            reg.withSession((s) => ((session = s), body(s)), { transaction }),
-          ]);
+          const outcome = await Promise.allSettled([reg.withSession((s) => ((session = s), body(s)), { transaction })]);
           // Settled: the session is closed, counted once, and the connection is free.
           expect(session!.closed).to.equal(true);
           expect(log).to.deep.equal([`open#${session!.id}`, `close#${session!.id}`]);
           expect(reg.stats()).to.include({ active: 0, opened: 1, closed: 1 });
           expect(reg.dataSource!.driver.createQueryRunner("master").isTransactionActive).to.equal(false);
-          expect(outcome[0]!.status).to.equal(status);
+          expect(outcome[0].status).to.equal(status);
         });
       }
     }
@@ -264,7 +262,9 @@ describe("blocks", () => {
         });
         return s.id;
       });
-      expect(await inner.promise).to.be.a("number").and.not.equal(outer);
+      expect(await inner.promise)
+        .to.be.a("number")
+        .and.not.equal(outer);
     });
 
     it("a joined transaction's callbacks run in the enclosing scope, whose session is still open", async () => {
@@ -280,7 +280,10 @@ describe("blocks", () => {
 
     it("reject non-functions with a TypeError", async () => {
       await reg.withSession((s) => {
-        expect(() => s.afterCommit("x" as never)).to.throw(TypeError, /afterCommit\(\) callback to be a function, got `x`/);
+        expect(() => s.afterCommit("x" as never)).to.throw(
+          TypeError,
+          /afterCommit\(\) callback to be a function, got `x`/,
+        );
         expect(() => s.afterRollback(1 as never)).to.throw(TypeError, /afterRollback/);
       });
     });
@@ -337,7 +340,12 @@ describe("blocks", () => {
 
     it("repository.save() outside a transaction is atomic on its own", async () => {
       const { log } = recordEvents(reg, ["begin", "commit"]);
-      await reg.withSession((s) => s.getRepository(Note).save([{ body: "a", block: 1 }, { body: "b", block: 2 }]));
+      await reg.withSession((s) =>
+        s.getRepository(Note).save([
+          { body: "a", block: 1 },
+          { body: "b", block: 2 },
+        ]),
+      );
       expect(log.map((l) => l.split("#")[0])).to.deep.equal(["begin", "commit"]);
       expect(await count()).to.equal(2);
     });

@@ -1,12 +1,7 @@
 import { expect } from "chai";
 import type { EntitySubscriberInterface, TransactionCommitEvent } from "typeorm";
 import { DataSource, EventSubscriber } from "typeorm";
-import {
-  createSessionRegistry,
-  type Session,
-  SessionClosedError,
-  type SessionRegistry,
-} from "../src/index.js";
+import { createSessionRegistry, type Session, SessionClosedError, type SessionRegistry } from "../src/index.js";
 import { ENTITIES, TempSqlite } from "./support/sqlite.js";
 import { Note } from "./support/entities.js";
 import { deferred, rejectionOf } from "./support/util.js";
@@ -101,7 +96,13 @@ describe("guarantee 9: a closing or closed session accepts no new work", () => {
         await lateDone.promise;
       }
     }
-    const ds = new DataSource({ type: "sqlite", database: db.path, entities: ENTITIES, subscribers: [OnCommit], synchronize: true });
+    const ds = new DataSource({
+      type: "sqlite",
+      database: db.path,
+      entities: ENTITIES,
+      subscribers: [OnCommit],
+      synchronize: true,
+    });
     const reg = createSessionRegistry({ dataSource: ds });
     try {
       await reg.withTransaction(async (s) => {
@@ -128,7 +129,13 @@ describe("guarantee 9: a closing or closed session accepts no new work", () => {
         if (armed) await event.manager.insert(Note, { body: "audit", block: 0 });
       }
     }
-    const ds = new DataSource({ type: "sqlite", database: db.path, entities: ENTITIES, subscribers: [Audit], synchronize: true });
+    const ds = new DataSource({
+      type: "sqlite",
+      database: db.path,
+      entities: ENTITIES,
+      subscribers: [Audit],
+      synchronize: true,
+    });
     const reg = createSessionRegistry({ dataSource: ds });
     try {
       await reg.withTransaction(async (s) => {

@@ -16,14 +16,29 @@ describe("guarantee 6: invalid options", () => {
     ["a string instead of options", "yes", TypeError, /session options to be an object, got `"yes"` \(string\)/],
     ["an unknown option", { transactional: true }, TypeError, /Unknown session option `transactional`/],
     ["transaction", { transaction: "yes" }, TypeError, /`transaction` to be a boolean, got `"yes"` \(string\)/],
-    ["isolation", { isolation: "SNAPSHOT" }, RangeError, /`isolation` to be one of "READ UNCOMMITTED".*got `"SNAPSHOT"` \(string\)/],
-    ["propagation", { propagation: "nested" }, RangeError, /`propagation` to be one of "required", "requiresNew", "mandatory", got `"nested"`/],
+    [
+      "isolation",
+      { isolation: "SNAPSHOT" },
+      RangeError,
+      /`isolation` to be one of "READ UNCOMMITTED".*got `"SNAPSHOT"` \(string\)/,
+    ],
+    [
+      "propagation",
+      { propagation: "nested" },
+      RangeError,
+      /`propagation` to be one of "required", "requiresNew", "mandatory", got `"nested"`/,
+    ],
     ["savepoint", { savepoint: 0 }, TypeError, /`savepoint` to be a boolean, got `0` \(number\)/],
     ["readOnly", { readOnly: "true" }, TypeError, /`readOnly` to be a boolean/],
     ["durable", { durable: null }, TypeError, /`durable` to be a boolean, got `null` \(null\)/],
     ["name", { name: 5 }, TypeError, /`name` to be a string, got `5` \(number\)/],
     ["registry", { registry: {} }, TypeError, /`registry` to be a SessionRegistry/],
-    ["transaction: false with isolation", { transaction: false, isolation: "SERIALIZABLE" }, TypeError, /contradicts `isolation`/],
+    [
+      "transaction: false with isolation",
+      { transaction: false, isolation: "SERIALIZABLE" },
+      TypeError,
+      /contradicts `isolation`/,
+    ],
   ];
 
   for (const [what, options, type, message] of cases) {

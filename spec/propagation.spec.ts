@@ -15,7 +15,8 @@ describe("propagation", () => {
   });
   afterEach(() => db.dispose());
 
-  const bodies = () => reg.withSession(async (s) => (await s.getRepository(Note).find({ order: { id: "ASC" } })).map((n) => n.body));
+  const bodies = () =>
+    reg.withSession(async (s) => (await s.getRepository(Note).find({ order: { id: "ASC" } })).map((n) => n.body));
   const insert = (s: Session, body: string) => s.getRepository(Note).insert({ body, block: null });
 
   describe('"required" (the default)', () => {
@@ -186,9 +187,9 @@ describe("propagation", () => {
     it("refuses writes inside, and the connection is writable again after", async () => {
       const error = await rejectionOf(reg.withTransaction((s) => insert(s, "nope"), { readOnly: true }));
       expect(String(error)).to.match(/readonly|query_only|attempt to write/i);
-      expect(await reg.withTransaction(async (s) => (await s.getRepository(Note).count(), "reads work"), { readOnly: true })).to.equal(
-        "reads work",
-      );
+      expect(
+        await reg.withTransaction(async (s) => (await s.getRepository(Note).count(), "reads work"), { readOnly: true }),
+      ).to.equal("reads work");
       await reg.withTransaction((s) => insert(s, "writable again"));
       expect(await bodies()).to.deep.equal(["writable again"]);
     });

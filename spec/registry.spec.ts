@@ -75,14 +75,23 @@ describe("SessionRegistry", () => {
       expect(parseUrl("better-sqlite3:./app.db")).to.deep.equal({ type: "better-sqlite3", database: "./app.db" });
       expect(parseUrl("postgres://u:p@h:5432/d")).to.deep.equal({ type: "postgres", url: "postgres://u:p@h:5432/d" });
       expect(parseUrl("postgresql://h/d")).to.deep.equal({ type: "postgres", url: "postgresql://h/d" });
-      expect(() => parseUrl("mysql://h/d")).to.throw(RangeError, /`url` to start with sqlite:.*got `"mysql:\/\/h\/d"` \(string\)/);
+      expect(() => parseUrl("mysql://h/d")).to.throw(
+        RangeError,
+        /`url` to start with sqlite:.*got `"mysql:\/\/h\/d"` \(string\)/,
+      );
       expect(() => parseUrl("sqlite:")).to.throw(RangeError, /database path/);
       expect(() => parseUrl(5)).to.throw(TypeError, /`url` to be a string, got `5` \(number\)/);
     });
 
     it("rejects both dataSource and url, and a non-DataSource", () => {
-      expect(() => createSessionRegistry({ dataSource: db.dataSource(), url: "sqlite::memory:" } as never)).to.throw(TypeError, /either/);
-      expect(() => createSessionRegistry({ dataSource: 42 } as never)).to.throw(TypeError, /`dataSource`.*got `42` \(number\)/);
+      expect(() => createSessionRegistry({ dataSource: db.dataSource(), url: "sqlite::memory:" } as never)).to.throw(
+        TypeError,
+        /either/,
+      );
+      expect(() => createSessionRegistry({ dataSource: 42 } as never)).to.throw(
+        TypeError,
+        /`dataSource`.*got `42` \(number\)/,
+      );
     });
 
     it("a registry without a data source rejects with RegistryNotConfiguredError", async () => {

@@ -212,7 +212,9 @@ describe("SQLite: one shared connection", () => {
     const reg = db.registry();
     const ids = await reg.withSession(async (outer) => {
       await outer.query("SELECT 1");
-      const inner = await reg.withSession(async (s) => (await s.query("SELECT 1"), s.id), { propagation: "requiresNew" });
+      const inner = await reg.withSession(async (s) => (await s.query("SELECT 1"), s.id), {
+        propagation: "requiresNew",
+      });
       return [outer.id, inner];
     });
     expect(ids[0]).not.to.equal(ids[1]);

@@ -53,7 +53,13 @@ export async function openScope<T>(registry: SessionRegistry, fn: () => T | Prom
 }
 
 /** Open a new scope with its own session, run the body in it, then close it. */
-function open<T>(registry: SessionRegistry, host: Host, here: Frame | undefined, fn: SessionBody<T>, opts: ResolvedOptions): Promise<T> {
+function open<T>(
+  registry: SessionRegistry,
+  host: Host,
+  here: Frame | undefined,
+  fn: SessionBody<T>,
+  opts: ResolvedOptions,
+): Promise<T> {
   const session = host.createSession(opts.name);
   const scope: Scope = { registry, session, ended: false };
   const frame: Frame = { scope, parent: here };
@@ -88,7 +94,13 @@ async function finish(scope: Scope, pending: SessionCallback[]): Promise<void> {
 }
 
 /** Join the scope's session; a transactional block opens its level in a frame of its own. */
-async function join<T>(scope: Scope, host: Host, here: Frame | undefined, fn: SessionBody<T>, opts: ResolvedOptions): Promise<T> {
+async function join<T>(
+  scope: Scope,
+  host: Host,
+  here: Frame | undefined,
+  fn: SessionBody<T>,
+  opts: ResolvedOptions,
+): Promise<T> {
   if (scope.ended && scope.session === undefined) {
     throw new SessionClosedError(`The session of registry "${scope.registry.name}"`, "its scope has ended");
   }

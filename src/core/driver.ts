@@ -55,7 +55,8 @@ export async function discardConnection(runner: QueryRunner, shared: boolean, er
     Object.assign(runner, { isTransactionActive: false, transactionDepth: 0 });
     return;
   }
-  const destroy = (runner as { releasePostgresConnection?: (error: unknown) => Promise<void> }).releasePostgresConnection;
+  const destroy = (runner as { releasePostgresConnection?: (error: unknown) => Promise<void> })
+    .releasePostgresConnection;
   try {
     if (typeof destroy === "function") {
       await destroy.call(runner, error instanceof Error ? error : new Error(String(error)));

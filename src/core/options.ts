@@ -121,7 +121,11 @@ function expectOneOf<T extends string>(key: string, value: unknown, allowed: rea
  * @internal Validate block options. Throws `TypeError`/`RangeError` naming the
  * option and the value received.
  */
-export function resolveOptions(options: unknown, fallbackName: string | undefined, transactional: boolean): ResolvedOptions {
+export function resolveOptions(
+  options: unknown,
+  fallbackName: string | undefined,
+  transactional: boolean,
+): ResolvedOptions {
   if (options === undefined || options === null) {
     return {
       registry: undefined,
@@ -134,7 +138,8 @@ export function resolveOptions(options: unknown, fallbackName: string | undefine
       name: fallbackName,
     };
   }
-  if (typeof options !== "object") throw new TypeError(`Expected session options to be an object, got ${describe(options)}`);
+  if (typeof options !== "object")
+    throw new TypeError(`Expected session options to be an object, got ${describe(options)}`);
   for (const key of Object.keys(options)) {
     if (!KNOWN.has(key)) {
       throw new TypeError(`Unknown session option \`${key}\`; expected one of ${[...KNOWN].join(", ")}`);

@@ -296,7 +296,11 @@ export class SessionRegistry {
   /** Remove a listener added with {@link on}. */
   off(event: SessionEventName, listener: SessionListener): this {
     const list = this.#listeners.get(event);
-    if (list !== undefined) this.#listeners.set(event, list.filter((l) => l !== listener));
+    if (list !== undefined)
+      this.#listeners.set(
+        event,
+        list.filter((l) => l !== listener),
+      );
     return this;
   }
 
@@ -418,12 +422,14 @@ function dataSourceInput(options: SessionRegistryOptions): DataSourceInput | und
     }
     const input = options.dataSource;
     if (!(input instanceof DataSource) && typeof input !== "function") {
-      throw new TypeError(`Expected \`dataSource\` to be a DataSource or a function returning one, got ${describe(input)}`);
+      throw new TypeError(
+        `Expected \`dataSource\` to be a DataSource or a function returning one, got ${describe(input)}`,
+      );
     }
     return input;
   }
   if ("url" in options && options.url !== undefined) {
-    const { url, name: _name, ...rest } = options as UrlRegistryOptions;
+    const { url, name: _name, ...rest } = options;
     return new DataSource({ ...rest, ...parseUrl(url) } as DataSourceOptions);
   }
   return undefined;
@@ -443,7 +449,8 @@ export function parseUrl(url: unknown): { type: string; database?: string; url?:
   }
   const [, scheme, rest] = match as unknown as [string, string, string];
   if (scheme === "postgres" || scheme === "postgresql") {
-    if (!rest.startsWith("//")) throw new RangeError(`Expected \`url\` of the form postgres://user:pw@host:5432/db, got ${describe(url)}`);
+    if (!rest.startsWith("//"))
+      throw new RangeError(`Expected \`url\` of the form postgres://user:pw@host:5432/db, got ${describe(url)}`);
     return { type: "postgres", url };
   }
   const database = rest.startsWith("//") ? rest.slice(2) : rest;

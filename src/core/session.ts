@@ -451,28 +451,27 @@ export class Session {
 
   #createRunner(): void {
     const real = this.#host.dataSource.driver.createQueryRunner("master");
-    const session = this;
     // A view of the driver's runner whose entry points go through this session, so
     // that everything TypeORM does with it is gated, counted and scoped. Reads fall
     // through to the driver's runner; nothing of TypeORM is patched.
     const runner = Object.create(real, {
       query: {
         value: (sql: string, parameters?: unknown[], structured?: boolean) =>
-          session.#statement(sql, parameters, structured === true),
+          this.#statement(sql, parameters, structured === true),
       },
       connect: {
         value: async () => {
-          session.#assertUsable(storage.getStore());
-          await session.#connect();
+          this.#assertUsable(storage.getStore());
+          await this.#connect();
           return real.connect();
         },
       },
       release: { value: () => Promise.resolve() },
-      startTransaction: { value: (isolation?: IsolationLevel) => session.begin(isolation) },
-      commitTransaction: { value: () => session.commit() },
-      rollbackTransaction: { value: () => session.rollback() },
+      startTransaction: { value: (isolation?: IsolationLevel) => this.begin(isolation) },
+      commitTransaction: { value: () => this.commit() },
+      rollbackTransaction: { value: () => this.rollback() },
       isTransactionActive: {
-        get: () => session.#levels.length > 0 && session.#mayRun(storage.getStore()),
+        get: () => this.#levels.length > 0 && this.#mayRun(storage.getStore()),
       },
       isReleased: { get: () => false },
     }) as QueryRunner;
@@ -734,12 +733,19 @@ export class Session {
 type AnyQuery = (sql: string, parameters?: unknown[], structured?: boolean) => Promise<unknown>;
 
 /** `QueryRunner.query` has one overload per result shape; the session passes the caller's choice through. */
-function runQuery(real: QueryRunner, sql: string, parameters: unknown[] | undefined, structured: boolean): Promise<unknown> {
+function runQuery(
+  real: QueryRunner,
+  sql: string,
+  parameters: unknown[] | undefined,
+  structured: boolean,
+): Promise<unknown> {
   return (real.query as AnyQuery).call(real, sql, parameters, structured);
 }
 
 function assertCallback(callback: unknown, method: string): void {
   if (typeof callback !== "function") {
-    throw new TypeError(`Expected the ${method}() callback to be a function, got \`${String(callback)}\` (${typeof callback})`);
+    throw new TypeError(
+      `Expected the ${method}() callback to be a function, got \`${String(callback)}\` (${typeof callback})`,
+    );
   }
 }

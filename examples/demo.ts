@@ -1,0 +1,131 @@
+/**
+ * The demo behind `npm run demo`: typeorm-scoped-session on embedded SQLite, no setup.
+ *
+ * It shows a plain session block, a transaction that commits, one that rolls back,
+ * a savepoint, and what happens to 8 concurrent transactions on SQLite's single
+ * connection with raw TypeORM and with session blocks.
+ */
+import "reflect-metadata";
+import { Column, Entity, PrimaryGeneratedColumn } from "typeorm";
+import {
+  configureSessions,
+  currentSession,
+  defaultRegistry,
+  withSession,
+  withTransaction,
+  type SessionEventName,
+} from "typeorm-scoped-session";
+
+@Entity("notes")
+class Note {
+  @PrimaryGeneratedColumn()
+  id!: number;
+
+  @Column("text")
+  body!: string;
+}
+
+const say = (line: string) => console.log(line);
+const step = (title: string) => say(`\n== ${title}`);
+
+configureSessions({ url: "sqlite::memory:", entities: [Note], synchronize: true });
+
+// Show the session lifecycle as it happens.
+let quiet = false;
+for (const event of ["open", "connect", "begin", "commit", "rollback", "close"] satisfies SessionEventName[]) {
+  defaultRegistry.on(event, ({ session, savepoint, durationMs }) => {
+    if (quiet) return;
+    const extra = durationMs === undefined ? "" : ` after ${durationMs.toFixed(1)} ms`;
+    say(`   [${String(session)}] ${savepoint ? `${event} (savepoint)` : event}${extra}`);
+  });
+}
+
+/** Deep inside the app: no session parameter, the scope provides it. */
+async function countNotes(): Promise<number> {
+  return currentSession().getRepository(Note).count();
+}
+
+async function main(): Promise<void> {
+  step("withSession: a read, connection taken on first query and released at the end");
+  say(`   notes: ${await withSession(() => countNotes(), { name: "count" })}`);
+
+  step("withSession that never touches the database: no connection at all");
+  await withSession(() => say("   (pure computation)"), { name: "no-db" });
+
+  step("withTransaction that commits; afterCommit runs once it is durable");
+  await withTransaction(
+    async (s) => {
+      await s.getRepository(Note).save([{ body: "first" }, { body: "second" }]);
+      s.afterCommit(() => say("   afterCommit: 2 notes are now visible to everyone"));
+    },
+    { name: "add-notes" },
+  );
+
+  step("withTransaction that throws: rolled back, the error is the body's own");
+  try {
+    await withTransaction(
+      async (s) => {
+        await s.getRepository(Note).save({ body: "never stored" });
+        throw new Error("payment declined");
+      },
+      { name: "checkout" },
+    );
+  } catch (error) {
+    say(`   caught: ${(error as Error).message}; notes: ${await withSession(countNotes)}`);
+  }
+
+  step("a nested transactional block is a SAVEPOINT: its failure undoes only its own work");
+  await withTransaction(
+    async (s) => {
+      await s.getRepository(Note).save({ body: "kept" });
+      await withTransaction(async (inner) => {
+        await inner.getRepository(Note).save({ body: "undone" });
+        throw new Error("inner step failed");
+      }).catch((error: Error) => say(`   inner block rejected: ${error.message}`));
+    },
+    { name: "import" },
+  );
+  say(`   notes: ${await withSession(countNotes)} (first, second, kept)`);
+
+  step("8 concurrent transactions on SQLite's one connection, the odd ones throwing");
+  quiet = true;
+  const dataSource = defaultRegistry.dataSource!;
+  const before = await withSession(countNotes);
+  const raw = await Promise.allSettled(
+    Array.from({ length: 8 }, (_, i) =>
+      dataSource.transaction(async (m) => {
+        await m.save(Note, { body: `raw ${i}` });
+        await new Promise((resolve) => setImmediate(resolve));
+        if (i % 2 === 1) throw new Error(`odd ${i}`);
+      }),
+    ),
+  );
+  const rawRows = (await withSession(countNotes)) - before;
+  say(
+    `   raw dataSource.transaction(): ${raw.filter((r) => r.status === "fulfilled").length} of 4 even ones resolved, ` +
+      `${rawRows} rows stored (should be 4)`,
+  );
+  const ours = await Promise.allSettled(
+    Array.from({ length: 8 }, (_, i) =>
+      withTransaction(async (s) => {
+        await s.getRepository(Note).save({ body: `block ${i}` });
+        await new Promise((resolve) => setImmediate(resolve));
+        if (i % 2 === 1) throw new Error(`odd ${i}`);
+      }),
+    ),
+  );
+  const ourRows = (await withSession(countNotes)) - before - rawRows;
+  say(
+    `   withTransaction():            ${ours.filter((r) => r.status === "fulfilled").length} of 4 even ones resolved, ` +
+      `${ourRows} rows stored (should be 4)`,
+  );
+  quiet = false;
+
+  const stats = defaultRegistry.stats();
+  step("registry stats");
+  say(`   ${JSON.stringify(stats)}`);
+  await dataSource.destroy();
+  if (ourRows !== 4 || stats.active !== 0) throw new Error("the demo did not end as it should");
+}
+
+await main();

@@ -186,4 +186,57 @@ describe("guarantee 9: a closing or closed session accepts no new work", () => {
     expect(error).to.be.instanceOf(SessionClosedError);
     expect(await reg.withSession((s) => s.getRepository(Note).count())).to.equal(0);
   });
+
+  it("a block that ends while its nested transaction waits for the connection cancels that wait and harms nobody", async () => {
+    const reg = db.registry();
+    const holding = deferred();
+    const gate = deferred();
+    const other = reg.withTransaction(async (s) => {
+      await s.getRepository(Note).insert({ body: "other", block: 1 });
+      holding.resolve();
+      await gate.promise;
+    });
+    await holding.promise;
+    let orphan!: Promise<unknown>;
+    await reg.withSession(() => {
+      // Not awaited: queued for the connection when the block ends.
+      orphan = reg.withTransaction((s) => s.getRepository(Note).insert({ body: "orphan", block: 2 }));
+    });
+    expect(await rejectionOf(orphan)).to.be.instanceOf(SessionClosedError);
+    gate.resolve();
+    await other;
+    await reg.withTransaction((s) => s.getRepository(Note).insert({ body: "later", block: 3 }));
+    const rows = await reg.withSession((s) => s.getRepository(Note).find({ order: { id: "ASC" } }));
+    expect(rows.map((r) => r.body)).to.deep.equal(["other", "later"]);
+  });
+
+  it("a subscriber may use the session during the ROLLBACK of a transaction the body left open", async () => {
+    let armed = false;
+    const seen: number[] = [];
+    @EventSubscriber()
+    class OnRollback implements EntitySubscriberInterface {
+      async afterTransactionRollback(event: TransactionCommitEvent): Promise<void> {
+        if (armed) seen.push(((await event.manager.query("SELECT 7 AS n")) as { n: number }[])[0]!.n);
+      }
+    }
+    const ds = new DataSource({
+      type: "sqlite",
+      database: db.path,
+      entities: ENTITIES,
+      subscribers: [OnRollback],
+      synchronize: true,
+    });
+    const reg = createSessionRegistry({ dataSource: ds });
+    try {
+      await reg.withSession(async (s) => {
+        armed = true;
+        await s.begin();
+        await s.getRepository(Note).insert({ body: "left open", block: 1 });
+      });
+      expect(seen).to.deep.equal([7]);
+      expect(await reg.withSession((s) => s.getRepository(Note).count())).to.equal(0);
+    } finally {
+      await ds.destroy();
+    }
+  });
 });

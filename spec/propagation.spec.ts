@@ -1,8 +1,14 @@
 import { expect } from "chai";
-import { NoActiveSessionError, PropagationError, type Session, type SessionRegistry } from "../src/index.js";
+import {
+  NoActiveSessionError,
+  PropagationError,
+  type Session,
+  type SessionRegistry,
+  TransactionNotActiveError,
+} from "../src/index.js";
 import { Note } from "./support/entities.js";
 import { TempSqlite } from "./support/sqlite.js";
-import { recordEvents, rejectionOf } from "./support/util.js";
+import { deferred, recordEvents, rejectionOf } from "./support/util.js";
 
 class Boom extends Error {}
 
@@ -227,6 +233,63 @@ describe("propagation", () => {
         );
       });
       expect(await bodies()).to.deep.equal(["sp 0 a", "sp 0 b", "sp 2 a", "sp 2 b"]);
+    });
+  });
+
+  describe("ownership: a block's transaction belongs to that block", () => {
+    it("a sibling cannot commit it: TransactionNotActiveError, and the owner's rollback still undoes all its work", async () => {
+      await reg.withSession(async (s) => {
+        const inTx = deferred();
+        const release = deferred();
+        const owner = reg.withTransaction(async (t) => {
+          await insert(t, "A1");
+          inTx.resolve();
+          await release.promise;
+          await insert(t, "A2");
+          throw new Boom("owner fails");
+        });
+        await inTx.promise;
+        expect(await rejectionOf(s.commit())).to.be.instanceOf(TransactionNotActiveError);
+        release.resolve();
+        expect(await rejectionOf(owner)).to.be.instanceOf(Boom);
+      });
+      expect(await bodies()).to.deep.equal([]);
+    });
+
+    it("a sibling's afterCommit does not attach to it: outside any transaction of its own it runs at once", async () => {
+      const seen: string[] = [];
+      await reg.withSession(async (s) => {
+        const inTx = deferred();
+        const release = deferred();
+        const owner = reg.withTransaction(async () => {
+          inTx.resolve();
+          await release.promise;
+          throw new Boom("owner rolls back");
+        });
+        await inTx.promise;
+        s.afterCommit(() => seen.push("sibling's callback"));
+        expect(seen).to.deep.equal(["sibling's callback"]);
+        release.resolve();
+        await rejectionOf(owner);
+      });
+      expect(seen).to.deep.equal(["sibling's callback"]);
+    });
+
+    it("TypeORM's manager.transaction() calls running concurrently in one scope take turns", async () => {
+      await reg.scope(async () => {
+        const outcomes = await Promise.allSettled(
+          [0, 1, 2].map((i) =>
+            reg.manager.transaction(async (m) => {
+              await m.insert(Note, { body: `t${i} a`, block: i });
+              await new Promise<void>((r) => setImmediate(r));
+              await m.insert(Note, { body: `t${i} b`, block: i });
+              if (i === 1) throw new Boom("t1");
+            }),
+          ),
+        );
+        expect(outcomes.map((o) => o.status)).to.deep.equal(["fulfilled", "rejected", "fulfilled"]);
+      });
+      expect(await bodies()).to.deep.equal(["t0 a", "t0 b", "t2 a", "t2 b"]);
     });
   });
 });

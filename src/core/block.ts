@@ -93,7 +93,7 @@ async function finish(scope: Scope, pending: SessionCallback[]): Promise<void> {
   await session._runCallbacks(pending);
 }
 
-/** Join the scope's session; a transactional block opens its level in a frame of its own. */
+/** Join the scope's session (creating it in a lazy scope). */
 async function join<T>(
   scope: Scope,
   host: Host,
@@ -104,7 +104,23 @@ async function join<T>(
   if (scope.ended && scope.session === undefined) {
     throw new SessionClosedError(`The session of registry "${scope.registry.name}"`, "its scope has ended");
   }
-  const session = (scope.session ??= host.createSession(opts.name));
+  return joinSession((scope.session ??= host.createSession(opts.name)), scope, here, fn, opts);
+}
+
+/**
+ * Run a block on a given session: directly when it is not transactional, else in
+ * a frame of its own that owns the transaction level it opens. Also the path of
+ * TypeORM's `manager.transaction()` on a session's manager.
+ *
+ * @internal
+ */
+export async function joinSession<T>(
+  session: Session,
+  scope: Scope,
+  here: Frame | undefined,
+  fn: SessionBody<T>,
+  opts: ResolvedOptions,
+): Promise<T> {
   if (!session._usableFrom(here)) throw session._closedError();
   if (!opts.transaction) return fn(session);
   const frame: Frame = { scope, parent: here };
@@ -128,22 +144,18 @@ async function transactional<T>(
   owner: boolean,
   pending: SessionCallback[],
 ): Promise<T> {
-  const level = await session._enter(frame, opts);
+  const handle = await session._enter(frame, opts);
   let value: T;
   try {
     value = await fn(session);
   } catch (error) {
-    if (level === undefined) {
-      session._markRollbackOnly(opts.name);
-    } else {
-      if (owner) session._markClosing();
-      pending.push(...(await session._exit(level, false)).callbacks);
-    }
+    session._markRollbackOnly(handle, opts.name);
+    if (owner) session._markClosing();
+    pending.push(...(await session._exit(handle, false)).callbacks);
     throw error;
   }
-  if (level === undefined) return value;
   if (owner) session._markClosing();
-  const outcome = await session._exit(level, true);
+  const outcome = await session._exit(handle, true);
   pending.push(...outcome.callbacks);
   if ("error" in outcome) throw outcome.error;
   return value;

@@ -35,8 +35,9 @@ export function isSingleConnection(dataSource: DataSource): boolean {
   const first = driver.createQueryRunner("master");
   const second = driver.createQueryRunner("master");
   if (first === second) return true;
-  void first.release();
-  void second.release();
+  // Never connected, so there is nothing to give back; a driver that complains may.
+  first.release().catch(() => undefined);
+  second.release().catch(() => undefined);
   return false;
 }
 
@@ -47,10 +48,12 @@ export function isSingleConnection(dataSource: DataSource): boolean {
  */
 export async function discardConnection(runner: QueryRunner, shared: boolean, error: unknown): Promise<void> {
   if (shared) {
-    try {
-      await runner.query("ROLLBACK");
-    } catch {
-      // "no transaction is active": the state we want.
+    for (const sql of ["ROLLBACK", "PRAGMA query_only = OFF"]) {
+      try {
+        await runner.query(sql);
+      } catch {
+        // "no transaction is active": the state we want.
+      }
     }
     Object.assign(runner, { isTransactionActive: false, transactionDepth: 0 });
     return;

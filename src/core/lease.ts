@@ -8,21 +8,17 @@
 export class Lease<H extends object> {
   #holder: H | undefined;
   #count = 0;
-  readonly #queue: { holder: H; grant: () => void }[] = [];
+  #queue: { holder: H; grant: () => void; refuse: (error: unknown) => void }[] = [];
 
   /** The current holder, if any. */
   get holder(): H | undefined {
     return this.#holder;
   }
 
-  /** Number of holders waiting. */
-  get waiting(): number {
-    return this.#queue.length;
-  }
-
   /**
    * Take the lease for `holder`. Returns `undefined` when granted at once (the
-   * common case, kept synchronous), else a promise that resolves when granted.
+   * common case, kept synchronous), else a promise that resolves when granted, or
+   * rejects if the wait is {@link cancel}led.
    */
   acquire(holder: H): Promise<void> | undefined {
     if (this.#holder === undefined || this.#holder === holder) {
@@ -30,11 +26,8 @@ export class Lease<H extends object> {
       this.#count += 1;
       return undefined;
     }
-    return new Promise<void>((resolve) => {
-      this.#queue.push({
-        holder,
-        grant: resolve,
-      });
+    return new Promise<void>((grant, refuse) => {
+      this.#queue.push({ holder, grant, refuse });
     });
   }
 
@@ -48,7 +41,7 @@ export class Lease<H extends object> {
     if (next === undefined) return;
     // Hand over to the first waiter together with all its other waiting holds.
     const granted = this.#queue.filter((w) => w.holder === next.holder);
-    this.#queue.splice(0, this.#queue.length, ...this.#queue.filter((w) => w.holder !== next.holder));
+    this.#queue = this.#queue.filter((w) => w.holder !== next.holder);
     this.#count = granted.length;
     for (const w of granted) w.grant();
   }
@@ -58,5 +51,13 @@ export class Lease<H extends object> {
     if (this.#holder !== holder) return;
     this.#count = 1;
     this.release(holder);
+  }
+
+  /** Stop the waits of `holder`: they reject with `error`. */
+  cancel(holder: H, error: unknown): void {
+    const cancelled = this.#queue.filter((w) => w.holder === holder);
+    if (cancelled.length === 0) return;
+    this.#queue = this.#queue.filter((w) => w.holder !== holder);
+    for (const w of cancelled) w.refuse(error);
   }
 }

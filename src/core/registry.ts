@@ -240,9 +240,11 @@ export class SessionRegistry {
    * one). Idempotent; does nothing outside a scope.
    */
   async remove(): Promise<void> {
-    const scope = findScope(storage.getStore(), this);
+    const frame = storage.getStore();
+    const scope = findScope(frame, this);
     const session = scope?.session;
-    if (scope === undefined || session === undefined) return;
+    // Nothing to remove, or it is closing or closed already (by its block, or by an earlier remove()).
+    if (scope === undefined || session === undefined || !session._usableFrom(frame)) return;
     scope.session = undefined;
     await session._runCallbacks(await session._close());
   }
@@ -365,7 +367,7 @@ export class SessionRegistry {
       family,
       lease: lease ?? undefined,
       createSession: (name: string | undefined): Session => {
-        const session = new Session(this, host, name);
+        const session = Session._create(this, host, name);
         this.#opened += 1;
         this.#active += 1;
         if (this.#active > this.#peak) this.#peak = this.#active;
@@ -473,6 +475,15 @@ const MANAGER_SYNC = new Set<PropertyKey>([
 ]);
 const REPOSITORY_SYNC = new Set<PropertyKey>(["create", "merge", "hasId", "getId", "createQueryBuilder", "extend"]);
 
+/** A method found on `prototype` or its ancestors, without running getters. */
+function methodOf(prototype: object | null, property: PropertyKey): unknown {
+  for (let p = prototype; p !== null; p = Object.getPrototypeOf(p) as object | null) {
+    const descriptor = Object.getOwnPropertyDescriptor(p, property);
+    if (descriptor !== undefined) return descriptor.value;
+  }
+  return undefined;
+}
+
 /**
  * A stand-in for an object of the current scope's session: every method call
  * and property read is forwarded to the object `resolve` gives for the session
@@ -489,7 +500,7 @@ function scopedProxy<T extends object>(
     get(_target, property) {
       // Not a thenable, and quiet under inspection, so that it can be returned from async code.
       if (property === "then" || typeof property === "symbol") return undefined;
-      if (typeof (prototype as Record<PropertyKey, unknown>)[property] !== "function") {
+      if (typeof methodOf(prototype, property) !== "function") {
         return (resolve(registry.current()) as Record<PropertyKey, unknown>)[property];
       }
       let method = methods.get(property);

@@ -46,3 +46,15 @@ export function isWithin(frame: Frame | undefined, ancestor: Frame): boolean {
   }
   return false;
 }
+
+/**
+ * The scope that gives `session` in the chain starting at `frame`, or a scope of
+ * its own for a session used outside the blocks that opened it, so that work
+ * started through it sees it as current.
+ */
+export function scopeOf(frame: Frame | undefined, session: Session): Scope {
+  for (let f = frame; f !== undefined; f = f.parent) {
+    if (f.scope.session === session) return f.scope;
+  }
+  return { registry: session.registry, session, ended: false };
+}

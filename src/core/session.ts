@@ -3,7 +3,9 @@ import { PropagationError, SessionClosedError, TransactionNotActiveError } from 
 import type { Lease } from "./lease.js";
 import type { IsolationLevel } from "./options.js";
 import type { SessionRegistry } from "./registry.js";
-import { type Frame, isWithin, storage } from "./scope.js";
+import { joinSession } from "./block.js";
+import { describe, resolveOptions } from "./options.js";
+import { type Frame, isWithin, scopeOf, storage } from "./scope.js";
 import { discardConnection, type DriverFamily } from "./driver.js";
 
 /** A callback registered with {@link Session.afterCommit} or {@link Session.afterRollback}. */
@@ -31,11 +33,21 @@ interface Level {
   afterRollback: SessionCallback[] | undefined;
   /** Name of an inner block that failed inside this level with `savepoint: false`. */
   rollbackOnly: string | undefined;
+  /** The BEGIN or SAVEPOINT has been executed (until then there is nothing to undo). */
+  begun: boolean;
+  /** Rolled back by the session closing or discarding its connection, not by its owner. */
+  forced: boolean;
   ended: "committed" | "rolledBack" | undefined;
 }
 
-/** @internal A handle returned to blocks: the level they opened, or `undefined` when they joined. */
-export type LevelHandle = object | undefined;
+/** What {@link Session._enter} gives a block: the level it opened, or the one it joined. */
+interface Handle {
+  readonly level: Level;
+  readonly joined: boolean;
+}
+
+/** @internal Opaque to blocks: pass it back to `_exit` and `_markRollbackOnly`. */
+export type LevelHandle = object;
 
 /** @internal What a finished level leaves to do: callbacks to run and an error to throw. */
 export interface LevelOutcome {
@@ -57,8 +69,6 @@ export interface SessionHost {
 const OPEN = 0;
 const CLOSING = 1;
 const CLOSED = 2;
-
-const JOINED = Symbol("joined");
 
 let lastId = 0;
 
@@ -100,14 +110,25 @@ export class Session {
   #broken: unknown;
   #abort: AbortController | undefined;
   readonly #levels: Level[] = [];
+  /** Levels TypeORM began through the runner view, to be ended by its commit/rollback calls. */
+  #viewLevels: Level[] = [];
   #waiters: { frame: Frame | undefined; grant: () => void }[] = [];
+  /** The BEGIN or SAVEPOINT in flight, if any: closing waits for it. */
+  #starting: Promise<void> | undefined;
+  /** `afterCommit` callbacks run at once (outside a transaction) that have not finished. */
+  readonly #running = new Set<Promise<void>>();
 
-  /** @internal Sessions are created by registries. */
-  constructor(registry: SessionRegistry, host: SessionHost, name: string | undefined) {
+  /** Sessions are created by registries, never directly. */
+  private constructor(registry: SessionRegistry, host: SessionHost, name: string | undefined) {
     this.id = ++lastId;
     this.name = name;
     this.registry = registry;
     this.#host = host;
+  }
+
+  /** @internal */
+  static _create(registry: SessionRegistry, host: SessionHost, name: string | undefined): Session {
+    return new Session(registry, host, name);
   }
 
   /** `session #id (name)`, as used in error messages. */
@@ -215,7 +236,7 @@ export class Session {
    */
   async commit(): Promise<void> {
     const top = this.#ownTop("commit");
-    const outcome = await this._exit(top, true);
+    const outcome = await this._exit({ level: top, joined: false } satisfies Handle, true);
     await this._runCallbacks(outcome.callbacks);
     if ("error" in outcome) throw outcome.error;
   }
@@ -228,7 +249,7 @@ export class Session {
    */
   async rollback(): Promise<void> {
     const top = this.#ownTop("rollback");
-    const outcome = await this._exit(top, false);
+    const outcome = await this._exit({ level: top, joined: false } satisfies Handle, false);
     await this._runCallbacks(outcome.callbacks);
   }
 
@@ -249,24 +270,36 @@ export class Session {
    */
   afterCommit(callback: SessionCallback): void {
     assertCallback(callback, "afterCommit");
-    this.#assertUsable(storage.getStore());
-    const top = this.#levels.at(-1);
-    if (top === undefined) {
-      void this._runCallbacks([callback]);
+    const frame = storage.getStore();
+    this.#assertUsable(frame);
+    const level = this.#levelOf(frame);
+    if (level === undefined) {
+      const running = this._runCallbacks([callback]);
+      this.#running.add(running);
+      void running.finally(() => this.#running.delete(running));
       return;
     }
-    (top.afterCommit ??= []).push(callback);
+    (level.afterCommit ??= []).push(callback);
   }
 
   /**
    * Run `callback` after the transaction (or the savepoint) it was registered in
    * rolls back, before the block settles. Outside a transaction it is never called.
+   *
+   * @param callback - called with no arguments; may return a promise, which is awaited
+   * @throws TypeError when `callback` is not a function
+   * @throws {@link SessionClosedError} when the session is closing or closed
+   * @example
+   * ```ts
+   * s.afterRollback(() => metrics.increment("checkout.rolled_back"));
+   * ```
    */
   afterRollback(callback: SessionCallback): void {
     assertCallback(callback, "afterRollback");
-    this.#assertUsable(storage.getStore());
-    const top = this.#levels.at(-1);
-    if (top !== undefined) (top.afterRollback ??= []).push(callback);
+    const frame = storage.getStore();
+    this.#assertUsable(frame);
+    const level = this.#levelOf(frame);
+    if (level !== undefined) (level.afterRollback ??= []).push(callback);
   }
 
   // ---------------------------------------------------------------------------
@@ -291,9 +324,8 @@ export class Session {
 
   /**
    * @internal Open a transaction level for a block running in `frame`: a
-   * transaction, a savepoint, or `undefined` when the block joins the enclosing
-   * one (`savepoint: false`). Waits while another block of this session owns
-   * the open transaction.
+   * transaction, a savepoint, or a join of the enclosing one (`savepoint: false`).
+   * Waits while another block of this session owns the open transaction.
    */
   _enter(frame: Frame | undefined, spec: LevelSpec): Promise<LevelHandle> {
     if (!this._usableFrom(frame)) return Promise.reject(this.#closedError());
@@ -309,6 +341,7 @@ export class Session {
         frame,
         grant: () => {
           try {
+            if (!this._usableFrom(frame)) throw this.#closedError();
             resolve(this.#start(this.#push(frame, spec), spec));
           } catch (error) {
             reject(error);
@@ -319,13 +352,14 @@ export class Session {
   }
 
   /**
-   * @internal End a level opened by {@link _enter}: commit (or release the
-   * savepoint) or roll back. Never rejects: failures come back as `error`.
+   * @internal End what {@link _enter} opened: commit (or release the savepoint)
+   * or roll back. A join ends nothing. Never rejects: failures come back as `error`.
    */
   async _exit(handle: LevelHandle, commit: boolean): Promise<LevelOutcome> {
-    const level = handle as Level;
+    const { level, joined } = handle as Handle;
+    if (joined) return { callbacks: [] };
     if (level.ended !== undefined) {
-      if (commit && level.ended === "rolledBack" && this.closed) {
+      if (commit && level.forced) {
         return { callbacks: [], error: this.#closedError("its transaction was rolled back when it closed") };
       }
       return { callbacks: [] };
@@ -333,29 +367,32 @@ export class Session {
     return this.#asCloser(async () => {
       // Levels opened above this one and left open (a begin() without commit) are undone.
       const callbacks: SessionCallback[] = [];
-      while (this.#levels.length > 0 && this.#levels.at(-1) !== level) {
+      while (this.#levels.length > 0 && this.#levels.at(-1) !== level && level.ended === undefined) {
         callbacks.push(...(await this.#rollbackLevel(this.#levels.at(-1)!)).callbacks);
       }
+      if (level.ended !== undefined) return { callbacks, error: this.#closedError() };
       const outcome = commit ? await this.#commitLevel(level) : await this.#rollbackLevel(level);
       return callbacks.length === 0 ? outcome : { ...outcome, callbacks: [...callbacks, ...outcome.callbacks] };
     });
   }
 
-  /** @internal An inner block that joined with `savepoint: false` failed. */
-  _markRollbackOnly(name: string | undefined): void {
-    const top = this.#levels.at(-1);
-    if (top !== undefined) top.rollbackOnly ??= name ?? "an anonymous block";
+  /** @internal A block that joined with `savepoint: false` failed: the joined level must not commit. */
+  _markRollbackOnly(handle: LevelHandle, name: string | undefined): void {
+    const { level, joined } = handle as Handle;
+    if (joined) level.rollbackOnly ??= name ?? "an anonymous block";
   }
 
   /**
-   * @internal The block that owns the session starts its final COMMIT or ROLLBACK:
-   * from now on only that block's own cleanup may use the session.
+   * @internal The session's final COMMIT or ROLLBACK starts: from now on only work
+   * that runs inside that cleanup (the `closer` frame) may use the session.
    */
   _markClosing(): void {
     if (this.#state !== OPEN) return;
     this.#state = CLOSING;
-    const frame = storage.getStore();
-    this.#closer = frame === undefined ? undefined : { scope: frame.scope, parent: frame };
+    // Inside the cleanup, the session is its own scope: TypeORM subscribers that run
+    // during the final COMMIT or ROLLBACK may use it, and see it as current.
+    this.#closer = { scope: { registry: this.registry, session: this, ended: false }, parent: storage.getStore() };
+    this.#host.lease?.cancel(this, this.#closedError());
     this.#wake();
   }
 
@@ -365,7 +402,9 @@ export class Session {
    * was rolled back.
    */
   _close(): Promise<SessionCallback[]> {
-    this.#closing ??= this.#closeOnce();
+    // The callbacks go to the first caller only, so that they run once.
+    if (this.#closing !== undefined) return this.#closing.then(() => []);
+    this.#closing = this.#closeOnce();
     return this.#closing;
   }
 
@@ -386,8 +425,13 @@ export class Session {
     this._markClosing();
     const callbacks: SessionCallback[] = [];
     await this.#asCloser(async () => {
+      // A BEGIN or SAVEPOINT in flight finishes first, so that it is undone below.
+      await this.#starting;
       while (this.#levels.length > 0 && this.#broken === undefined) {
-        callbacks.push(...(await this.#rollbackLevel(this.#levels.at(-1)!)).callbacks);
+        const top = this.#levels.at(-1)!;
+        top.forced = true;
+        if (top.begun) callbacks.push(...(await this.#rollbackLevel(top)).callbacks);
+        else this.#pop(top, "rolledBack"); // still waiting for the connection: nothing to undo
       }
       if (this.#real !== undefined && this.#broken === undefined && this.#host.lease === undefined) {
         try {
@@ -398,6 +442,7 @@ export class Session {
       }
     });
     this.#host.lease?.releaseAll(this);
+    while (this.#running.size > 0) await Promise.all(this.#running);
     this.#state = CLOSED;
     this.#abort?.abort(this.#closedError());
     this.#wake();
@@ -428,14 +473,32 @@ export class Session {
     return top;
   }
 
+  /** The innermost level that work from `frame` belongs to, if any. */
+  #levelOf(frame: Frame | undefined): Level | undefined {
+    for (let i = this.#levels.length - 1; i >= 0; i--) {
+      const level = this.#levels[i]!;
+      if (level.owner === undefined || isWithin(frame, level.owner)) return level;
+    }
+    return undefined;
+  }
+
   #assertUsable(frame: Frame | undefined): void {
     if (!this._usableFrom(frame)) throw this.#closedError();
   }
 
-  /** Work from `frame` may run unless a transaction level owned by another block is open. */
+  /**
+   * Work from `frame` may run unless a transaction level owned by another block is
+   * open; the session's own cleanup always may.
+   */
   #mayRun(frame: Frame | undefined): boolean {
     const top = this.#levels.at(-1);
-    return top === undefined || top.owner === undefined || isWithin(frame, top.owner);
+    if (top === undefined || top.owner === undefined || isWithin(frame, top.owner)) return true;
+    return this.#state === CLOSING && this.#closer !== undefined && isWithin(frame, this.#closer);
+  }
+
+  /** Wait until {@link #wake} lets work from `frame` run (or the session closes). */
+  #turn(frame: Frame | undefined): Promise<void> {
+    return new Promise<void>((grant) => this.#waiters.push({ frame, grant }));
   }
 
   /** Wake waiters that may run now, in order; a granted level changes who may run next. */
@@ -449,7 +512,7 @@ export class Session {
     }
   }
 
-  #createRunner(): void {
+  #createRunner(): QueryRunner {
     const real = this.#host.dataSource.driver.createQueryRunner("master");
     // A view of the driver's runner whose entry points go through this session, so
     // that everything TypeORM does with it is gated, counted and scoped. Reads fall
@@ -459,6 +522,12 @@ export class Session {
         value: (sql: string, parameters?: unknown[], structured?: boolean) =>
           this.#statement(sql, parameters, structured === true),
       },
+      stream: {
+        value: async (...args: Parameters<QueryRunner["stream"]>) => {
+          if (this.#host.lease === undefined) await this.#gatePooled(storage.getStore());
+          return real.stream(...args);
+        },
+      },
       connect: {
         value: async () => {
           this.#assertUsable(storage.getStore());
@@ -467,44 +536,130 @@ export class Session {
         },
       },
       release: { value: () => Promise.resolve() },
-      startTransaction: { value: (isolation?: IsolationLevel) => this.begin(isolation) },
-      commitTransaction: { value: () => this.commit() },
-      rollbackTransaction: { value: () => this.rollback() },
+      startTransaction: { value: (isolation?: IsolationLevel) => this.#viewBegin(isolation) },
+      commitTransaction: { value: () => this.#viewEnd(true) },
+      rollbackTransaction: { value: () => this.#viewEnd(false) },
       isTransactionActive: {
         get: () => this.#levels.length > 0 && this.#mayRun(storage.getStore()),
       },
       isReleased: { get: () => false },
     }) as QueryRunner;
+    // Entity events (beforeInsert, afterLoad...) are broadcast through the runner: give them this
+    // session's runner and manager, not whichever session used the shared SQLite runner last.
+    Object.defineProperty(runner, "broadcaster", {
+      value: Object.create(real.broadcaster, { queryRunner: { value: runner } }),
+    });
     this.#real = real;
     this.#runner = runner;
-    this.#manager = this.#host.dataSource.createEntityManager(runner);
+    this.#manager = this.#sessionManager(runner);
     // Subscribers of the driver's own events (BeforeQuery, AfterTransactionCommit...) see our manager.
     if (this.#host.lease === undefined) Object.assign(real, { manager: this.#manager });
+    return real;
   }
 
-  /** Take the connection: the lease on single-connection drivers, the pool otherwise. */
+  /**
+   * The session's EntityManager. Its `transaction()` is a transactional block on
+   * this session (the one core path: a savepoint when nested, a turn of its own when
+   * concurrent), and the methods that may begin an implicit transaction (`save`,
+   * `remove`, `softRemove`, `recover`) each run in a frame of their own, so that
+   * concurrent calls do not share one.
+   */
+  #sessionManager(runner: QueryRunner): EntityManager {
+    const manager = this.#host.dataSource.createEntityManager(runner);
+    const transaction = <T>(
+      isolationOrFn: IsolationLevel | ((m: EntityManager) => Promise<T>),
+      fn?: (m: EntityManager) => Promise<T>,
+    ): Promise<T> => {
+      const body = typeof isolationOrFn === "function" ? isolationOrFn : fn;
+      if (typeof body !== "function") {
+        return Promise.reject(new TypeError(`Expected a transaction callback function, got ${describe(body)}`));
+      }
+      const here = storage.getStore();
+      return joinSession(
+        this,
+        scopeOf(here, this),
+        here,
+        (s) => body(s.manager),
+        resolveOptions(
+          { isolation: typeof isolationOrFn === "string" ? isolationOrFn : undefined },
+          "EntityManager.transaction",
+          true,
+        ),
+      );
+    };
+    Object.defineProperty(manager, "transaction", { value: transaction });
+    for (const method of ["save", "remove", "softRemove", "recover"] as const) {
+      const original = Reflect.get(manager, method) as (...args: unknown[]) => Promise<unknown>;
+      Object.defineProperty(manager, method, {
+        value: (...args: unknown[]) => {
+          const here = storage.getStore();
+          return storage.run({ scope: scopeOf(here, this), parent: here }, () => original.apply(manager, args));
+        },
+      });
+    }
+    return manager;
+  }
+
+  /**
+   * TypeORM itself begins a transaction through the runner (`manager.transaction()`,
+   * an implicit one around `save()`): it becomes a level, ended by the matching
+   * commit/rollback through the runner. A begin that failed leaves nothing behind for
+   * TypeORM's rollback to undo.
+   */
+  async #viewBegin(isolation: IsolationLevel | undefined): Promise<void> {
+    const handle = (await this._enter(storage.getStore(), {
+      isolation,
+      readOnly: false,
+      durable: false,
+      savepoint: true,
+      name: undefined,
+    })) as Handle;
+    this.#viewLevels.push(handle.level);
+  }
+
+  async #viewEnd(commit: boolean): Promise<void> {
+    const frame = storage.getStore();
+    this.#viewLevels = this.#viewLevels.filter((l) => l.ended === undefined);
+    const level = this.#viewLevels.at(-1);
+    if (level === undefined || !(level.owner === undefined || isWithin(frame, level.owner))) {
+      throw new TransactionNotActiveError(String(this), commit ? "commitTransaction" : "rollbackTransaction");
+    }
+    this.#viewLevels.pop();
+    const outcome = await this._exit({ level, joined: false } satisfies Handle, commit);
+    await this._runCallbacks(outcome.callbacks);
+    if ("error" in outcome) throw outcome.error;
+  }
+
+  /** Take the connection of a pooled driver (once). */
   #connect(): Promise<void> | undefined {
     if (this.#connected === true) return undefined;
+    if (this.#host.lease !== undefined) {
+      // The one shared connection is always open; taking the lease is what counts.
+      this.#connected = true;
+      this.#host.emit("connect", this);
+      return undefined;
+    }
     if (this.#connected === false) {
-      this.#connected = (async () => {
-        if (this.#host.lease === undefined) await this.#real!.connect();
+      const connecting = (async () => {
+        await this.#real!.connect();
         this.#connected = true;
         this.#host.emit("connect", this);
       })();
-      this.#connected.catch(() => {
-        this.#connected = false;
+      this.#connected = connecting;
+      connecting.catch(() => {
+        if (this.#connected === connecting) this.#connected = false;
       });
     }
     return this.#connected;
   }
 
   /**
-   * On a single-connection driver, take (or re-enter) the connection lease. A
-   * session that would wait for a transaction held by its own enclosing scope
-   * would wait forever: that is a {@link PropagationError}.
+   * On a single-connection driver, take (or re-enter) the connection lease:
+   * `undefined` when granted at once. A session that would wait for a transaction
+   * held by its own enclosing scope would wait forever: that is a
+   * {@link PropagationError}.
    */
-  async #hold(): Promise<void> {
-    const lease = this.#host.lease!;
+  #acquire(lease: Lease<Session>): Promise<void> | undefined {
     const holder = lease.holder;
     if (holder !== undefined && holder !== this && holder.inTransaction) {
       for (let f = storage.getStore(); f !== undefined; f = f.parent) {
@@ -518,37 +673,59 @@ export class Session {
       }
     }
     const waiting = lease.acquire(this);
-    if (waiting !== undefined) await waiting;
+    if (waiting === undefined) {
+      this.#leased();
+      return undefined;
+    }
+    return waiting.then(() => this.#leased());
+  }
+
+  #leased(): void {
     Object.assign(this.#real!, { manager: this.#manager });
-    await this.#connect();
+    void this.#connect(); // synchronous for a leased connection
+  }
+
+  /** Pooled drivers: wait until work from `frame` may run on a connected session. */
+  async #gatePooled(frame: Frame | undefined): Promise<void> {
+    for (;;) {
+      this.#assertUsable(frame);
+      if (!this.#mayRun(frame)) await this.#turn(frame);
+      else if (this.#connected !== true) await this.#connect();
+      else return;
+    }
   }
 
   async #statement(sql: string, parameters: unknown[] | undefined, structured: boolean): Promise<unknown> {
     const frame = storage.getStore();
-    this.#assertUsable(frame);
-    while (!this.#mayRun(frame)) {
-      await new Promise<void>((grant) => this.#waiters.push({ frame, grant }));
-      this.#assertUsable(frame);
-    }
     if (this.#real === undefined) this.#createRunner();
+    const real = this.#real!;
     const lease = this.#host.lease;
     if (lease === undefined) {
-      if (this.#connected !== true) await this.#connect();
-      this.#assertUsable(frame);
-      return runQuery(this.#real!, sql, parameters, structured);
+      await this.#gatePooled(frame);
+      return runQuery(real, sql, parameters, structured);
     }
-    await this.#hold();
-    try {
+    // Each pass waits for something (a turn, the lease) and checks again: whatever
+    // changed meanwhile, the statement runs only when it may.
+    for (;;) {
       this.#assertUsable(frame);
-      return await runQuery(this.#real!, sql, parameters, structured);
+      if (!this.#mayRun(frame)) {
+        await this.#turn(frame);
+        continue;
+      }
+      const waiting = this.#acquire(lease);
+      if (waiting !== undefined) await waiting;
+      if (this._usableFrom(frame) && this.#mayRun(frame)) break;
+      lease.release(this);
+    }
+    try {
+      return await runQuery(real, sql, parameters, structured);
     } finally {
       lease.release(this);
     }
   }
 
   /** Push a level (synchronously, so that nobody slips in between) or decide to join. */
-  #push(frame: Frame | undefined, spec: LevelSpec): Level | typeof JOINED {
-    this.#assertUsable(frame);
+  #push(frame: Frame | undefined, spec: LevelSpec): Handle {
     const top = this.#levels.at(-1);
     if (top !== undefined) {
       const who = spec.name === undefined ? "A nested transactional block" : `Block "${spec.name}"`;
@@ -570,47 +747,82 @@ export class Session {
             `Set readOnly on the outermost block, or use propagation "requiresNew".`,
         );
       }
-      if (!spec.savepoint) return JOINED;
+      if (!spec.savepoint) return { level: top, joined: true };
     }
     const level: Level = {
       owner: frame,
       savepoint: top !== undefined,
       readOnly: top?.readOnly ?? spec.readOnly,
       startedAt: performance.now(),
+      begun: false,
+      forced: false,
       afterCommit: undefined,
       afterRollback: undefined,
       rollbackOnly: undefined,
       ended: undefined,
     };
     this.#levels.push(level);
-    return level;
+    return { level, joined: false };
   }
 
-  async #start(level: Level | typeof JOINED, spec: LevelSpec): Promise<LevelHandle> {
-    if (level === JOINED) return undefined;
-    if (this.#real === undefined) this.#createRunner();
-    const real = this.#real!;
+  /** Send the BEGIN (taking the connection first) or the SAVEPOINT of a pushed level. */
+  async #start(handle: Handle, spec: LevelSpec): Promise<Handle> {
+    if (handle.joined) return handle;
+    const level = handle.level;
+    const real = this.#real ?? this.#createRunner();
+    const lease = this.#host.lease;
+    let held = false;
     try {
-      if (level.savepoint) {
-        await real.startTransaction();
-      } else {
-        if (this.#host.lease === undefined) await this.#connect();
-        else await this.#hold();
-        try {
-          await real.startTransaction(spec.isolation);
-          if (spec.readOnly) await this.#readOnly(real, true);
-        } catch (error) {
-          await this.#undoBegin(real);
-          throw error;
+      if (!level.savepoint) {
+        if (lease === undefined) {
+          await this.#connect();
+        } else {
+          const waiting = this.#acquire(lease);
+          held = true;
+          if (waiting !== undefined) {
+            held = false;
+            await waiting;
+            held = true;
+          }
         }
       }
+      // One BEGIN or SAVEPOINT at a time: a savepoint needs its transaction begun.
+      while (this.#starting !== undefined) await this.#starting;
+      // Closed while waiting: nothing was begun.
+      if (level.ended !== undefined || this.#broken !== undefined) throw this.#closedError();
+      const below = this.#levels[this.#levels.indexOf(level) - 1];
+      if (level.savepoint && below?.begun !== true) {
+        throw new PropagationError(`${String(this)}: the transaction this savepoint belongs to failed to begin.`);
+      }
+      const starting = (async () => {
+        if (level.savepoint) {
+          await real.startTransaction();
+        } else {
+          try {
+            await real.startTransaction(spec.isolation);
+            if (spec.readOnly) await this.#readOnly(real, true);
+          } catch (error) {
+            await this.#undoBegin(real);
+            throw error;
+          }
+        }
+        level.begun = true;
+      })();
+      const settled = starting.catch(() => undefined);
+      this.#starting = settled;
+      try {
+        await starting;
+      } finally {
+        if (this.#starting === settled) this.#starting = undefined;
+      }
     } catch (error) {
-      this.#levels.splice(this.#levels.indexOf(level), 1);
+      if (level.ended === undefined) this.#pop(level, "rolledBack");
+      if (held) lease!.release(this);
       this.#wake();
       throw error;
     }
     this.#host.emit("begin", this, { savepoint: level.savepoint });
-    return level;
+    return handle;
   }
 
   /** A BEGIN (or what followed it) failed: leave the connection as we found it. */
@@ -625,7 +837,6 @@ export class Session {
       }
     }
     Object.assign(real, { isTransactionActive: false, transactionDepth: 0 });
-    this.#host.lease?.release(this);
   }
 
   async #readOnly(real: QueryRunner, on: boolean): Promise<void> {
@@ -661,8 +872,8 @@ export class Session {
         return { callbacks: rolledBack.callbacks, error };
       }
       // A failed COMMIT leaves the connection in an unknown state: never reuse it.
-      await this.#discard(error);
       this.#pop(level, "rolledBack");
+      await this.#discard(error);
       this.#host.emit("rollback", this, { error, durationMs: performance.now() - level.startedAt });
       this.#wake();
       return { callbacks: level.afterRollback ?? [], error };
@@ -682,20 +893,20 @@ export class Session {
 
   async #rollbackLevel(level: Level): Promise<LevelOutcome> {
     const real = this.#real!;
-    let failed: unknown;
+    let failed = false;
     try {
       await real.rollbackTransaction();
     } catch (error) {
-      failed = error ?? new Error("ROLLBACK failed");
+      failed = true;
       this.#host.reportError(this, error);
+      // Whether a ROLLBACK (TO SAVEPOINT) that failed undid anything is unknown,
+      // and TypeORM's idea of the nesting no longer matches: never reuse it.
+      this.#pop(level, "rolledBack");
+      await this.#discard(error);
     }
-    this.#pop(level, "rolledBack");
-    if (level.savepoint) {
-      if (failed !== undefined) this._markRollbackOnly("a savepoint whose ROLLBACK failed");
-    } else if (failed !== undefined) {
-      await this.#discard(failed);
-    } else {
-      await this.#endOutermost(real, level);
+    if (!failed) {
+      this.#pop(level, "rolledBack");
+      if (!level.savepoint) await this.#endOutermost(real, level);
     }
     this.#host.emit("rollback", this, { savepoint: level.savepoint, durationMs: performance.now() - level.startedAt });
     this.#wake();
@@ -722,11 +933,14 @@ export class Session {
   async #discard(error: unknown): Promise<void> {
     if (this.#broken !== undefined) return;
     this.#broken = error ?? new Error("connection discarded");
-    const real = this.#real!;
-    await discardConnection(real, this.#host.lease !== undefined, error);
+    await discardConnection(this.#real!, this.#host.lease !== undefined, error);
     this.#host.lease?.releaseAll(this);
-    for (const level of this.#levels.splice(0)) level.ended = "rolledBack";
+    for (const level of this.#levels.splice(0)) {
+      level.ended = "rolledBack";
+      level.forced = true;
+    }
     this.#abort?.abort(this.#closedError());
+    this.#wake();
   }
 }
 

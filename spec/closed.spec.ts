@@ -216,7 +216,7 @@ describe("guarantee 9: a closing or closed session accepts no new work", () => {
     @EventSubscriber()
     class OnRollback implements EntitySubscriberInterface {
       async afterTransactionRollback(event: TransactionCommitEvent): Promise<void> {
-        if (armed) seen.push(((await event.manager.query("SELECT 7 AS n")) as { n: number }[])[0]!.n);
+        if (armed) seen.push((await event.manager.query<{ n: number }[]>("SELECT 7 AS n"))[0]!.n);
       }
     }
     const ds = new DataSource({

@@ -19,6 +19,9 @@ export { currentSession, tryCurrentSession, withSession, withTransaction } from 
 export type { SessionBody } from "./core/block.js";
 export type { IsolationLevel, Propagation, SessionOptions } from "./core/options.js";
 export { Session } from "./core/session.js";
+export { Transactional, UsesSession } from "./decorators/uses-session.js";
+export type { SessionDecorator } from "./decorators/uses-session.js";
+export { InjectSession } from "./decorators/inject-session.js";
 export type { SessionCallback } from "./core/session.js";
 export {
   NoActiveSessionError,

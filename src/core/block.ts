@@ -10,21 +10,34 @@ export type SessionBody<T> = (session: Session) => T | Promise<T>;
 type Host = SessionHost & { createSession(name: string | undefined): Session };
 
 /**
- * The one core path. Every way of running code with a session (the block
- * functions, registry methods, decorators, middleware, cron tasks) ends here:
- * resolve the options, find or open the scope, run the body, and remove what
- * this block opened in `finally`.
+ * A block as the functions and registry methods take it: validate the body and
+ * the options (rejecting, never throwing), then {@link execute}.
  *
  * @internal
  */
-export async function runBlock<T>(
+export function runBlock<T>(
   bound: SessionRegistry,
   fn: SessionBody<T>,
   options: unknown,
   transactional: boolean,
 ): Promise<T> {
-  if (typeof fn !== "function") throw new TypeError(`Expected the block body to be a function, got ${describe(fn)}`);
-  const opts = resolveOptions(options, fn.name === "" ? undefined : fn.name, transactional);
+  try {
+    if (typeof fn !== "function") throw new TypeError(`Expected the block body to be a function, got ${describe(fn)}`);
+    return execute(bound, fn, resolveOptions(options, fn.name === "" ? undefined : fn.name, transactional));
+  } catch (error) {
+    return Promise.reject(error);
+  }
+}
+
+/**
+ * The one core path. Every way of running code with a session (the block
+ * functions, registry methods, decorators, middleware, cron tasks) ends here:
+ * find or open the scope, run the body, and remove what this block opened before
+ * settling. Decorators resolve their options once, when they are applied.
+ *
+ * @internal
+ */
+export async function execute<T>(bound: SessionRegistry, fn: SessionBody<T>, opts: ResolvedOptions): Promise<T> {
   const registry = opts.registry ?? bound;
   let host = registry._ready();
   if (host instanceof Promise) host = await host;

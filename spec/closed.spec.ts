@@ -1,8 +1,8 @@
 import { expect } from "chai";
 import type { EntitySubscriberInterface, TransactionCommitEvent } from "typeorm";
-import { DataSource, EventSubscriber } from "typeorm";
+import { EventSubscriber } from "typeorm";
 import { createSessionRegistry, type Session, SessionClosedError, type SessionRegistry } from "../src/index.js";
-import { ENTITIES, TempSqlite } from "./support/sqlite.js";
+import { TempSqlite } from "./support/sqlite.js";
 import { Note } from "./support/entities.js";
 import { deferred, rejectionOf } from "./support/util.js";
 
@@ -96,13 +96,7 @@ describe("guarantee 9: a closing or closed session accepts no new work", () => {
         await lateDone.promise;
       }
     }
-    const ds = new DataSource({
-      type: "sqlite",
-      database: db.path,
-      entities: ENTITIES,
-      subscribers: [OnCommit],
-      synchronize: true,
-    });
+    const ds = db.dataSource({ subscribers: [OnCommit] });
     const reg = createSessionRegistry({ dataSource: ds });
     try {
       await reg.withTransaction(async (s) => {
@@ -129,13 +123,7 @@ describe("guarantee 9: a closing or closed session accepts no new work", () => {
         if (armed) await event.manager.insert(Note, { body: "audit", block: 0 });
       }
     }
-    const ds = new DataSource({
-      type: "sqlite",
-      database: db.path,
-      entities: ENTITIES,
-      subscribers: [Audit],
-      synchronize: true,
-    });
+    const ds = db.dataSource({ subscribers: [Audit] });
     const reg = createSessionRegistry({ dataSource: ds });
     try {
       await reg.withTransaction(async (s) => {
@@ -219,13 +207,7 @@ describe("guarantee 9: a closing or closed session accepts no new work", () => {
         if (armed) seen.push((await event.manager.query<{ n: number }[]>("SELECT 7 AS n"))[0]!.n);
       }
     }
-    const ds = new DataSource({
-      type: "sqlite",
-      database: db.path,
-      entities: ENTITIES,
-      subscribers: [OnRollback],
-      synchronize: true,
-    });
+    const ds = db.dataSource({ subscribers: [OnRollback] });
     const reg = createSessionRegistry({ dataSource: ds });
     try {
       await reg.withSession(async (s) => {

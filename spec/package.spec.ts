@@ -3,6 +3,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { expect } from "chai";
+import { SQLITE_DRIVER } from "./support/sqlite.js";
 
 const root = resolve(import.meta.dirname, "../..");
 const npm = process.platform === "win32" ? "npm.cmd" : "npm";
@@ -62,7 +63,7 @@ describe("the published package", function () {
         const same = viaRequire.defaultRegistry === viaImport.defaultRegistry && viaRequire.withSession === viaImport.withSession;
         // A scope opened through one is seen through the other.
         const { DataSource } = require("typeorm");
-        viaRequire.configureSessions({ dataSource: new DataSource({ type: "sqlite", database: ":memory:" }) });
+        viaRequire.configureSessions({ dataSource: new DataSource({ type: ${JSON.stringify(SQLITE_DRIVER)}, database: ":memory:" }) });
         const seen = await viaRequire.withSession((s) => viaImport.currentSession() === s).catch((e) => String(e));
         console.log(JSON.stringify({ same, seen, exports: Object.keys(viaImport).sort() }));
       });

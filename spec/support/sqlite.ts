@@ -2,11 +2,25 @@ import "reflect-metadata";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { DataSource } from "typeorm";
+import { DataSource, type DataSourceOptions } from "typeorm";
 import { createSessionRegistry, type SessionRegistry } from "../../src/index.js";
 import { Account, Note } from "./entities.js";
 
 export const ENTITIES = [Note, Account];
+
+/**
+ * The SQLite driver under test: `sqlite` (sqlite3, the default on TypeORM 0.3) or
+ * `better-sqlite3` (the only one on TypeORM 1.x), from TSS_SQLITE_DRIVER.
+ */
+export const SQLITE_DRIVER = process.env.TSS_SQLITE_DRIVER ?? "sqlite";
+if (SQLITE_DRIVER !== "sqlite" && SQLITE_DRIVER !== "better-sqlite3") {
+  throw new Error(`TSS_SQLITE_DRIVER must be sqlite or better-sqlite3, got ${SQLITE_DRIVER}`);
+}
+
+/** DataSource options for a SQLite file (or ":memory:") on the driver under test. */
+export function sqliteOptions(database: string, extra: Partial<DataSourceOptions> = {}): DataSourceOptions {
+  return { type: SQLITE_DRIVER, database, entities: ENTITIES, synchronize: true, ...extra } as DataSourceOptions;
+}
 
 /** A file-backed SQLite database in a fresh temporary directory. */
 export class TempSqlite {
@@ -15,8 +29,8 @@ export class TempSqlite {
   readonly #sources: DataSource[] = [];
 
   /** A new, not yet initialized DataSource on this file. */
-  dataSource(): DataSource {
-    const ds = new DataSource({ type: "sqlite", database: this.path, entities: ENTITIES, synchronize: true });
+  dataSource(extra: Partial<DataSourceOptions> = {}): DataSource {
+    const ds = new DataSource(sqliteOptions(this.path, extra));
     this.#sources.push(ds);
     return ds;
   }

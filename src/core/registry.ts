@@ -1,4 +1,4 @@
-import { DataSource, EntityManager, Repository } from "typeorm";
+import { DataSource, EntityManager, MissingDriverError, Repository } from "typeorm";
 import type { DataSourceOptions, EntityTarget, ObjectLiteral } from "typeorm";
 import { NoActiveSessionError, RegistryBusyError, RegistryNotConfiguredError, SessionClosedError } from "../errors.js";
 import { openScope, runBlock, type SessionBody } from "./block.js";
@@ -432,7 +432,14 @@ function dataSourceInput(options: SessionRegistryOptions): DataSourceInput | und
   }
   if ("url" in options && options.url !== undefined) {
     const { url, name: _name, ...rest } = options;
-    return new DataSource({ ...rest, ...parseUrl(url) } as DataSourceOptions);
+    const parsed = parseUrl(url);
+    try {
+      return new DataSource({ ...rest, ...parsed } as DataSourceOptions);
+    } catch (error) {
+      // TypeORM 1.x has no "sqlite" (sqlite3) driver: there `sqlite:` URLs use better-sqlite3.
+      if (parsed.type !== "sqlite" || !(error instanceof MissingDriverError)) throw error;
+      return new DataSource({ ...rest, ...parsed, type: "better-sqlite3" } as DataSourceOptions);
+    }
   }
   return undefined;
 }

@@ -2,16 +2,16 @@ import { expect } from "chai";
 import sinon from "sinon";
 import { type Session, SessionClosedError, type SessionRegistry } from "../src/index.js";
 import { Note } from "./support/entities.js";
-import { TempSqlite } from "./support/sqlite.js";
+import { type Backend, connectionsInUse, forEachBackend, type TestDb } from "./support/backends.js";
 import { deferred, recordEvents, rejectionOf } from "./support/util.js";
 
 class Boom extends Error {}
 
-describe("blocks", () => {
-  let db: TempSqlite;
+forEachBackend("blocks", (backend: Backend) => {
+  let db: TestDb;
   let reg: SessionRegistry;
-  beforeEach(() => {
-    db = new TempSqlite();
+  beforeEach(async () => {
+    db = await backend.open();
     reg = db.registry();
   });
   afterEach(() => db.dispose());
@@ -48,7 +48,7 @@ describe("blocks", () => {
           expect(session!.closed).to.equal(true);
           expect(log).to.deep.equal([`open#${session!.id}`, `close#${session!.id}`]);
           expect(reg.stats()).to.include({ active: 0, opened: 1, closed: 1 });
-          expect(reg.dataSource!.driver.createQueryRunner("master").isTransactionActive).to.equal(false);
+          expect(connectionsInUse(reg.dataSource!)).to.equal(0);
           expect(outcome[0].status).to.equal(status);
         });
       }
@@ -117,7 +117,11 @@ describe("blocks", () => {
       expect(reg.stats()).to.include({ commits: 0, rollbacks: 1 });
     });
 
-    it("a failing ROLLBACK goes to the error event, and the body's error is still the one thrown", async () => {
+    // SQLite lets a body end the transaction behind the block's back; the PostgreSQL
+    // counterpart (a backend killed mid-transaction) is in the lifecycle specs.
+    const onSqlite = backend.kind === "sqlite" ? it : () => undefined;
+
+    onSqlite("a failing ROLLBACK goes to the error event, and the body's error is still the one thrown", async () => {
       const errors: unknown[] = [];
       reg.on("error", (e) => errors.push(e.error));
       const boom = new Boom("body");
@@ -137,7 +141,7 @@ describe("blocks", () => {
       expect(await count()).to.equal(1);
     });
 
-    it("without an error listener the failure becomes a process warning", async () => {
+    onSqlite("without an error listener the failure becomes a process warning", async () => {
       const warned = deferred<Error>();
       const onWarning = (w: Error) => warned.resolve(w);
       process.on("warning", onWarning);
@@ -156,20 +160,22 @@ describe("blocks", () => {
     });
 
     it("a failing COMMIT rejects with the COMMIT's error and leaves nothing behind", async () => {
-      await reg.withSession((s) => s.query("CREATE TABLE parent (id INTEGER PRIMARY KEY)"));
-      await reg.withSession((s) =>
-        s.query("CREATE TABLE child (pid INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)"),
-      );
+      await reg.withSession(async (s) => {
+        await s.query("CREATE TABLE parent (id INTEGER PRIMARY KEY)");
+        await s.query("CREATE TABLE child (pid INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)");
+      });
       const { log } = recordEvents(reg, ["commit", "rollback"]);
       const error = await rejectionOf(
         reg.withTransaction(async (s) => {
-          await s.query("PRAGMA foreign_keys = ON");
+          if (backend.kind === "sqlite") await s.query("PRAGMA foreign_keys = ON");
           await s.query("INSERT INTO child (pid) VALUES (99)"); // violates the deferred FK at COMMIT
         }),
       );
-      expect(String(error)).to.match(/FOREIGN KEY constraint failed/);
+      expect(String(error)).to.match(/FOREIGN KEY constraint failed|violates foreign key constraint/);
       expect(log.map((l) => l.split("#")[0])).to.deep.equal(["rollback"]);
-      expect(await reg.withSession((s) => s.query("SELECT count(*) AS n FROM child"))).to.deep.equal([{ n: 0 }]);
+      const rows = await reg.withSession((s) => s.query<{ n: number | string }[]>("SELECT count(*) AS n FROM child"));
+      expect(Number(rows[0]!.n)).to.equal(0);
+      expect(connectionsInUse(reg.dataSource!)).to.equal(0);
     });
   });
 

@@ -2,7 +2,7 @@ import { expect } from "chai";
 import type { EntitySubscriberInterface, TransactionCommitEvent } from "typeorm";
 import { EventSubscriber } from "typeorm";
 import { createSessionRegistry, type Session, SessionClosedError, type SessionRegistry } from "../src/index.js";
-import { TempSqlite } from "./support/sqlite.js";
+import { type Backend, connectionsInUse, forEachBackend, type TestDb } from "./support/backends.js";
 import { Note } from "./support/entities.js";
 import { deferred, rejectionOf } from "./support/util.js";
 
@@ -55,10 +55,10 @@ const ALL_CLOSED = {
   joiningTransaction: "SessionClosedError",
 };
 
-describe("guarantee 9: a closing or closed session accepts no new work", () => {
-  let db: TempSqlite;
-  beforeEach(() => {
-    db = new TempSqlite();
+forEachBackend("guarantee 9: a closing or closed session accepts no new work", (backend: Backend) => {
+  let db: TestDb;
+  beforeEach(async () => {
+    db = await backend.open();
   });
   afterEach(() => db.dispose());
 
@@ -196,6 +196,7 @@ describe("guarantee 9: a closing or closed session accepts no new work", () => {
     await reg.withTransaction((s) => s.getRepository(Note).insert({ body: "later", block: 3 }));
     const rows = await reg.withSession((s) => s.getRepository(Note).find({ order: { id: "ASC" } }));
     expect(rows.map((r) => r.body)).to.deep.equal(["other", "later"]);
+    expect(connectionsInUse(reg.dataSource!), "a connection the pool handed over late was given back").to.equal(0);
   });
 
   it("a subscriber may use the session during the ROLLBACK of a transaction the body left open", async () => {

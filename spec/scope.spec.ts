@@ -1,14 +1,14 @@
 import { EventEmitter } from "node:events";
 import { expect } from "chai";
 import { type Session, type SessionRegistry } from "../src/index.js";
-import { TempSqlite } from "./support/sqlite.js";
+import { type Backend, forEachBackend, type TestDb } from "./support/backends.js";
 import { seeded, turns } from "./support/util.js";
 
-describe("guarantee 4: scopes never bleed", () => {
-  let db: TempSqlite;
+forEachBackend("guarantee 4: scopes never bleed", (backend: Backend) => {
+  let db: TestDb;
   let reg: SessionRegistry;
-  beforeEach(() => {
-    db = new TempSqlite();
+  beforeEach(async () => {
+    db = await backend.open();
     reg = db.registry();
   });
   afterEach(() => db.dispose());

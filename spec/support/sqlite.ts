@@ -24,6 +24,7 @@ export function sqliteOptions(database: string, extra: Partial<DataSourceOptions
 
 /** A file-backed SQLite database in a fresh temporary directory. */
 export class TempSqlite {
+  readonly kind = "sqlite";
   readonly dir = mkdtempSync(join(tmpdir(), "tss-spec-"));
   readonly path = join(this.dir, "test.db");
   readonly #sources: DataSource[] = [];

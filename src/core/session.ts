@@ -434,11 +434,18 @@ export class Session {
         else this.#pop(top, "rolledBack"); // still waiting for the connection: nothing to undo
       }
       if (this.#real !== undefined && this.#broken === undefined && this.#host.lease === undefined) {
-        try {
-          await this.#real.release();
-        } catch (error) {
-          this.#host.reportError(this, error);
-        }
+        const real = this.#real;
+        const release = async (): Promise<void> => {
+          try {
+            await real.release();
+          } catch (error) {
+            this.#host.reportError(this, error);
+          }
+        };
+        // The pool has not handed the connection over yet: give it back as soon as it does
+        // (releasing before would leave the connection checked out for good).
+        if (this.#connected instanceof Promise) void this.#connected.then(release, () => undefined);
+        else await release();
       }
     });
     this.#host.lease?.releaseAll(this);

@@ -301,7 +301,16 @@ describe("SessionRegistry", () => {
       await reg.withTransaction(async () => undefined);
       await rejectionOf(reg.withTransaction(async () => Promise.reject(new Error("x"))));
       await reg.withTransaction(async () => reg.withTransaction(async () => undefined)); // savepoints do not count
-      expect(reg.stats()).to.deep.equal({ active: 0, peak: 3, opened: 7, closed: 7, commits: 2, rollbacks: 1 });
+      expect(reg.stats()).to.deep.equal({
+        active: 0,
+        peak: 3,
+        opened: 7,
+        closed: 7,
+        commits: 2,
+        rollbacks: 1,
+        timeouts: 0,
+        leaks: 0,
+      });
     });
   });
 

@@ -8,6 +8,8 @@ export {
 export type {
   DataSourceInput,
   DataSourceRegistryOptions,
+  DrainOptions,
+  DrainResult,
   SessionEvent,
   SessionEventName,
   SessionListener,
@@ -17,7 +19,8 @@ export type {
 } from "./core/registry.js";
 export { currentSession, tryCurrentSession, withSession, withTransaction } from "./core/functions.js";
 export type { SessionBody } from "./core/block.js";
-export type { IsolationLevel, Propagation, SessionOptions } from "./core/options.js";
+export { isRetryableError } from "./core/options.js";
+export type { IsolationLevel, Propagation, RetryOptions, SessionOptions } from "./core/options.js";
 export { Session } from "./core/session.js";
 export { Transactional, UsesSession } from "./decorators/uses-session.js";
 export type { SessionDecorator } from "./decorators/uses-session.js";

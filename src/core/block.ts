@@ -1,13 +1,16 @@
-import { NoActiveSessionError, PropagationError, SessionClosedError } from "../errors.js";
-import { describe, resolveOptions, type ResolvedOptions } from "./options.js";
-import type { SessionRegistry } from "./registry.js";
-import { findScope, type Frame, type Scope, storage } from "./scope.js";
-import type { Session, SessionCallback, SessionHost } from "./session.js";
+import { NoActiveSessionError, PropagationError, SessionClosedError, SessionTimeoutError } from "../errors.js";
+import { describe, resolveOptions, type ResolvedOptions, type ResolvedRetry } from "./options.js";
+import type { RegistryHost, SessionRegistry } from "./registry.js";
+import { findScope, type Frame, lineage, type Scope, storage } from "./scope.js";
+import type { Session, SessionCallback } from "./session.js";
 
 /** The body of a block: receives the session, returns a value or a promise of one. */
 export type SessionBody<T> = (session: Session) => T | Promise<T>;
 
-type Host = SessionHost & { createSession(name: string | undefined): Session };
+/** How a block was asked for: `detached()` opens a fresh scope that inherits nothing. */
+interface BlockOptions extends ResolvedOptions {
+  readonly detached?: boolean;
+}
 
 /**
  * A block as the functions and registry methods take it: validate the body and
@@ -20,10 +23,12 @@ export function runBlock<T>(
   fn: SessionBody<T>,
   options: unknown,
   transactional: boolean,
+  detached = false,
 ): Promise<T> {
   try {
     if (typeof fn !== "function") throw new TypeError(`Expected the block body to be a function, got ${describe(fn)}`);
-    return execute(bound, fn, resolveOptions(options, fn.name === "" ? undefined : fn.name, transactional));
+    const opts = resolveOptions(options, fn.name === "" ? undefined : fn.name, transactional);
+    return execute(bound, fn, detached ? { ...opts, detached } : opts);
   } catch (error) {
     return Promise.reject(error);
   }
@@ -37,63 +42,74 @@ export function runBlock<T>(
  *
  * @internal
  */
-export async function execute<T>(bound: SessionRegistry, fn: SessionBody<T>, opts: ResolvedOptions): Promise<T> {
+export async function execute<T>(bound: SessionRegistry, fn: SessionBody<T>, opts: BlockOptions): Promise<T> {
   const registry = opts.registry ?? bound;
-  let host = registry._ready();
-  if (host instanceof Promise) host = await host;
+  let ready = registry._ready();
+  if (ready instanceof Promise) ready = await ready;
+  const host = ready as RegistryHost;
   const here = storage.getStore();
-  const scope = findScope(here, registry);
+  const scope = opts.detached === true ? undefined : findScope(here, registry);
   if (scope !== undefined && opts.propagation !== "requiresNew") {
-    return join(scope, host as Host, here, fn, opts);
+    if (scope.ended && scope.session === undefined) {
+      throw new SessionClosedError(`The session of registry "${registry.name}"`, "its scope has ended");
+    }
+    return joinSession((scope.session ??= host.createSession(opts.name)), scope, here, fn, opts, host);
   }
-  if (opts.propagation === "mandatory") {
+  if (opts.propagation === "mandatory" && opts.detached !== true) {
     throw new NoActiveSessionError(
       registry.name,
       `A block with propagation "mandatory"${opts.name === undefined ? "" : ` (${opts.name})`}`,
     );
   }
-  if (opts.propagation === "requiresNew") assertSecondSessionAllowed(here, host, opts);
-  return open(registry, host as Host, here, fn, opts);
+  if (opts.propagation === "requiresNew" || opts.detached === true) assertSecondSessionAllowed(here, host, opts);
+  const open = (attempt: number | undefined): Promise<T> => {
+    const session = host.createSession(opts.name);
+    const scope: Scope = { registry, session, ended: false };
+    // A detached scope inherits nothing; it remembers where it came from only to detect a wait on itself.
+    const frame: Frame = opts.detached === true ? { scope, parent: undefined, origin: here } : { scope, parent: here };
+    const pending: SessionCallback[] = [];
+    return settle(scope, host, pending, opts.timeoutMs, () =>
+      storage.run(frame, () =>
+        opts.transaction ? transactional(session, frame, fn, opts, true, pending, attempt) : fn(session),
+      ),
+    );
+  };
+  // Each attempt of a retried block is a new session: a failed COMMIT leaves its connection unusable.
+  return opts.retry === undefined ? open(undefined) : retrying(opts.retry, open);
 }
 
 /** `registry.scope(fn)`: a new scope whose session is created on first use. @internal */
 export async function openScope<T>(registry: SessionRegistry, fn: () => T | Promise<T>): Promise<T> {
   if (typeof fn !== "function") throw new TypeError(`Expected the scope body to be a function, got ${describe(fn)}`);
-  const host = registry._ready();
-  if (host instanceof Promise) await host;
+  const ready = registry._ready();
+  const host = (ready instanceof Promise ? await ready : ready) as RegistryHost;
   const scope: Scope = { registry, session: undefined, ended: false };
-  return settle(scope, [], () => storage.run({ scope, parent: storage.getStore() }, fn));
-}
-
-/** Open a new scope with its own session, run the body in it, then close it. */
-function open<T>(
-  registry: SessionRegistry,
-  host: Host,
-  here: Frame | undefined,
-  fn: SessionBody<T>,
-  opts: ResolvedOptions,
-): Promise<T> {
-  const session = host.createSession(opts.name);
-  const scope: Scope = { registry, session, ended: false };
-  const frame: Frame = { scope, parent: here };
-  const pending: SessionCallback[] = [];
-  return settle(scope, pending, () =>
-    storage.run(frame, () => (opts.transaction ? transactional(session, frame, fn, opts, true, pending) : fn(session))),
-  );
+  return settle(scope, host, [], undefined, () => storage.run({ scope, parent: storage.getStore() }, fn));
 }
 
 /**
- * Run a scope's body, then remove its session (whatever the body did) before
- * settling, and run the callbacks left by its transaction in the caller's context.
+ * Run a scope's body, then remove its session, whatever the body did, before
+ * settling; run the callbacks its transaction left in the caller's context. The
+ * block settles early when its session is force-closed (`timeoutMs`, `drain()`).
  */
-async function settle<T>(scope: Scope, pending: SessionCallback[], body: () => T | Promise<T>): Promise<T> {
+async function settle<T>(
+  scope: Scope,
+  host: RegistryHost,
+  pending: SessionCallback[],
+  timeoutMs: number | undefined,
+  body: () => T | Promise<T>,
+): Promise<T> {
+  const session = scope.session;
+  const timer = session === undefined ? undefined : timeout(session, host, timeoutMs);
   let value: T;
   try {
-    value = await body();
+    value = session === undefined ? await body() : await session._guard(body());
   } catch (error) {
+    clearTimeout(timer);
     await finish(scope, pending);
     throw error;
   }
+  clearTimeout(timer);
   await finish(scope, pending);
   return value;
 }
@@ -106,24 +122,38 @@ async function finish(scope: Scope, pending: SessionCallback[]): Promise<void> {
   await session._runCallbacks(pending);
 }
 
-/** Join the scope's session (creating it in a lazy scope). */
-async function join<T>(
-  scope: Scope,
-  host: Host,
-  here: Frame | undefined,
-  fn: SessionBody<T>,
-  opts: ResolvedOptions,
-): Promise<T> {
-  if (scope.ended && scope.session === undefined) {
-    throw new SessionClosedError(`The session of registry "${scope.registry.name}"`, "its scope has ended");
+/**
+ * With `timeoutMs`: when it expires, force-close the session the block uses (the
+ * running statement cancelled, the transaction rolled back, the connection
+ * released, the signal aborted); the block rejects with {@link SessionTimeoutError}
+ * and the abandoned body's later calls fail with {@link SessionClosedError}.
+ */
+function timeout(session: Session, host: RegistryHost, timeoutMs: number | undefined): NodeJS.Timeout | undefined {
+  if (timeoutMs === undefined) return undefined;
+  const started = performance.now();
+  return setTimeout(() => {
+    host.timedOut(session, performance.now() - started);
+    void session._kill(new SessionTimeoutError(String(session), timeoutMs));
+  }, timeoutMs);
+}
+
+/** Re-run `attempt` on retryable errors with capped exponential backoff and jitter. */
+async function retrying<T>(retry: ResolvedRetry, attempt: (n: number) => Promise<T>): Promise<T> {
+  for (let n = 1; ; n++) {
+    try {
+      return await attempt(n);
+    } catch (error) {
+      if (n > retry.retries || !retry.retryOn(error)) throw error;
+    }
+    const delay = Math.min(retry.maxDelayMs, retry.baseDelayMs * 2 ** (n - 1)) * (0.5 + Math.random() / 2);
+    await new Promise((resolve) => setTimeout(resolve, delay));
   }
-  return joinSession((scope.session ??= host.createSession(opts.name)), scope, here, fn, opts);
 }
 
 /**
- * Run a block on a given session: directly when it is not transactional, else in
- * a frame of its own that owns the transaction level it opens. Also the path of
- * TypeORM's `manager.transaction()` on a session's manager.
+ * Run a block on a given session: directly when it is not transactional (and has
+ * no timeout), else in a frame of its own that owns the transaction level it
+ * opens. Also the path of TypeORM's `manager.transaction()` on a session's manager.
  *
  * @internal
  */
@@ -133,16 +163,29 @@ export async function joinSession<T>(
   here: Frame | undefined,
   fn: SessionBody<T>,
   opts: ResolvedOptions,
+  host?: RegistryHost,
 ): Promise<T> {
   if (!session._usableFrom(here)) throw session._closedError();
-  if (!opts.transaction) return fn(session);
+  if (!opts.transaction && opts.timeoutMs === undefined) return fn(session);
   const frame: Frame = { scope, parent: here };
-  const pending: SessionCallback[] = [];
-  try {
-    return await storage.run(frame, () => transactional(session, frame, fn, opts, false, pending));
-  } finally {
-    await session._runCallbacks(pending);
-  }
+  const run = async (attempt: number | undefined): Promise<T> => {
+    const pending: SessionCallback[] = [];
+    const timer = host === undefined ? undefined : timeout(session, host, opts.timeoutMs);
+    try {
+      return await session._guard(
+        storage.run(frame, () =>
+          opts.transaction ? transactional(session, frame, fn, opts, false, pending, attempt) : fn(session),
+        ),
+      );
+    } finally {
+      clearTimeout(timer);
+      await session._runCallbacks(pending);
+    }
+  };
+  // A joined block retries only as the outermost transaction of a session still usable.
+  if (opts.retry === undefined || session.inTransaction) return run(undefined);
+  const retry = opts.retry;
+  return retrying({ ...retry, retryOn: (error) => !session.closed && retry.retryOn(error) }, run);
 }
 
 /**
@@ -156,15 +199,20 @@ async function transactional<T>(
   opts: ResolvedOptions,
   owner: boolean,
   pending: SessionCallback[],
+  attempt: number | undefined,
 ): Promise<T> {
-  const handle = await session._enter(frame, opts);
+  const handle = await session._enter(frame, { ...opts, attempt });
   let value: T;
   try {
     value = await fn(session);
   } catch (error) {
     session._markRollbackOnly(handle, opts.name);
     if (owner) session._markClosing();
-    pending.push(...(await session._exit(handle, false)).callbacks);
+    const outcome = await session._exit(handle, false);
+    // A failed attempt that will be retried leaves nothing behind, its callbacks included.
+    if (attempt === undefined || !opts.retry?.retryOn(error) || attempt > opts.retry.retries) {
+      pending.push(...outcome.callbacks);
+    }
     throw error;
   }
   if (owner) session._markClosing();
@@ -178,14 +226,15 @@ async function transactional<T>(
  * On a single-connection driver, a second session would wait for the connection
  * that an enclosing transaction holds until that transaction ends: forever.
  */
-function assertSecondSessionAllowed(here: Frame | undefined, host: SessionHost, opts: ResolvedOptions): void {
+function assertSecondSessionAllowed(here: Frame | undefined, host: RegistryHost, opts: BlockOptions): void {
   const lease = host.lease;
   if (lease === undefined) return;
-  for (let f = here; f !== undefined; f = f.parent) {
+  for (const f of lineage(here)) {
     const session = f.scope.session;
     if (session !== undefined && session._holdsTransactionOn(lease)) {
+      const how = opts.detached === true ? "detached()" : 'propagation "requiresNew"';
       throw new PropagationError(
-        `Block${opts.name === undefined ? "" : ` "${opts.name}"`} asks for a new session (propagation "requiresNew") ` +
+        `Block${opts.name === undefined ? "" : ` "${opts.name}"`} asks for a new session (${how}) ` +
           `inside an open transaction of ${String(session)}, but this ${host.family} database has a single ` +
           `connection, which that transaction holds until it ends: the block would wait forever. Use ` +
           `propagation "required" (a savepoint), or start the work from session.afterCommit().`,

@@ -58,10 +58,53 @@ export interface SessionOptions {
    */
   durable?: boolean;
   /**
+   * Reject with {@link SessionTimeoutError} when the block (waiting for a connection
+   * and running the body) takes longer, in milliseconds. The session is then closed:
+   * its transaction rolled back (on PostgreSQL the running statement is cancelled
+   * first), its connection released, its `signal` aborted; later calls by the
+   * abandoned body get {@link SessionClosedError}. On a block that joins its scope's
+   * session, that session is the one closed: the unit of work as a whole has failed.
+   * With `retry`, each attempt has this long.
+   * @default none
+   */
+  timeoutMs?: number;
+  /**
+   * Extra attempts for a transactional block that failed with a retryable error
+   * (serialization failure 40001, deadlock 40P01, SQLITE_BUSY): `retry: 3` runs the
+   * body at most 4 times, each from the start in a new transaction, with capped
+   * exponential backoff and jitter. Only the outermost transactional block retries.
+   * @default 0
+   * @example
+   * ```ts
+   * await withTransaction(transfer, { isolation: "SERIALIZABLE", retry: { retries: 5, baseDelayMs: 20 } });
+   * ```
+   */
+  retry?: number | RetryOptions;
+  /**
    * Label for errors, events and leak reports.
    * @default the function's or method's name
    */
   name?: string;
+}
+
+/** The object form of {@link SessionOptions.retry}. */
+export interface RetryOptions {
+  /** Extra attempts after the first. */
+  retries: number;
+  /**
+   * Delay before the first retry; doubled for each further one, with jitter.
+   * @default 10
+   */
+  baseDelayMs?: number;
+  /**
+   * Cap on the delay between attempts.
+   * @default 1000
+   */
+  maxDelayMs?: number;
+  /**
+   * Decides which errors are retried, in place of {@link isRetryableError}.
+   */
+  retryOn?: (error: unknown) => boolean;
 }
 
 /** @internal Options after validation, defaults applied. */
@@ -74,6 +117,16 @@ export interface ResolvedOptions {
   readonly readOnly: boolean;
   readonly durable: boolean;
   readonly name: string | undefined;
+  readonly timeoutMs: number | undefined;
+  readonly retry: ResolvedRetry | undefined;
+}
+
+/** @internal */
+export interface ResolvedRetry {
+  readonly retries: number;
+  readonly baseDelayMs: number;
+  readonly maxDelayMs: number;
+  readonly retryOn: (error: unknown) => boolean;
 }
 
 const ISOLATION_LEVELS: readonly IsolationLevel[] = [
@@ -92,6 +145,8 @@ const KNOWN = new Set<string>([
   "readOnly",
   "durable",
   "name",
+  "timeoutMs",
+  "retry",
 ]);
 
 /** `\`value\` (type)`, for messages that show what was received. */
@@ -136,6 +191,8 @@ export function resolveOptions(
       readOnly: false,
       durable: false,
       name: fallbackName,
+      timeoutMs: undefined,
+      retry: undefined,
     };
   }
   if (typeof options !== "object")
@@ -166,6 +223,12 @@ export function resolveOptions(
       `\`transaction: false\` contradicts ${isolation !== undefined ? "`isolation`" : readOnly ? "`readOnly`" : "`durable`"}, which needs a transaction`,
     );
   }
+  const retry = resolveRetry(o.retry);
+  if (retry !== undefined && !transaction) {
+    throw new TypeError(
+      `\`retry\` re-runs a transaction, so it needs \`transaction: true\` (or withTransaction), got retry ${describe(o.retry)} without one`,
+    );
+  }
   return {
     registry: o.registry,
     transaction,
@@ -175,5 +238,68 @@ export function resolveOptions(
     readOnly,
     durable,
     name: o.name ?? fallbackName,
+    timeoutMs: expectDuration("timeoutMs", o.timeoutMs),
+    retry,
   };
+}
+
+function expectDuration(key: string, value: unknown): number | undefined {
+  if (value === undefined) return undefined;
+  if (typeof value !== "number" || !Number.isFinite(value) || value <= 0) {
+    throw new RangeError(`Expected \`${key}\` to be a number of milliseconds above 0, got ${describe(value)}`);
+  }
+  return value;
+}
+
+function expectCount(key: string, value: unknown): number {
+  if (typeof value !== "number" || !Number.isInteger(value) || value < 0) {
+    throw new RangeError(`Expected \`${key}\` to be a whole number from 0 up, got ${describe(value)}`);
+  }
+  return value;
+}
+
+function resolveRetry(retry: unknown): ResolvedRetry | undefined {
+  if (retry === undefined) return undefined;
+  if (typeof retry === "number") {
+    const retries = expectCount("retry", retry);
+    return retries === 0 ? undefined : { retries, baseDelayMs: 10, maxDelayMs: 1000, retryOn: isRetryableError };
+  }
+  if (typeof retry !== "object" || retry === null) {
+    throw new TypeError(
+      `Expected \`retry\` to be a number or { retries, baseDelayMs?, maxDelayMs?, retryOn? }, got ${describe(retry)}`,
+    );
+  }
+  const r = retry as RetryOptions;
+  const retries = expectCount("retry.retries", r.retries);
+  if (r.retryOn !== undefined && typeof r.retryOn !== "function") {
+    throw new TypeError(`Expected \`retry.retryOn\` to be a function, got ${describe(r.retryOn)}`);
+  }
+  const baseDelayMs = r.baseDelayMs === undefined ? 10 : expectCount("retry.baseDelayMs", r.baseDelayMs);
+  const maxDelayMs =
+    r.maxDelayMs === undefined ? Math.max(1000, baseDelayMs) : expectCount("retry.maxDelayMs", r.maxDelayMs);
+  if (retries === 0) return undefined;
+  return { retries, baseDelayMs, maxDelayMs, retryOn: r.retryOn ?? isRetryableError };
+}
+
+/**
+ * Whether an error is worth a new attempt of the whole transaction: a PostgreSQL
+ * serialization failure (`40001`) or deadlock (`40P01`), or SQLite's `SQLITE_BUSY`
+ * (another connection holds the database lock). Looks through TypeORM's
+ * `QueryFailedError` at the driver's error.
+ *
+ * @param error - anything thrown
+ * @example
+ * ```ts
+ * await withTransaction(work, { retry: { retries: 3, retryOn: (e) => isRetryableError(e) || e instanceof MyConflict } });
+ * ```
+ */
+export function isRetryableError(error: unknown): boolean {
+  for (let e: unknown = error, depth = 0; typeof e === "object" && e !== null && depth < 3; depth++) {
+    const { code, message } = e as { code?: unknown; message?: unknown };
+    if (code === "40001" || code === "40P01") return true;
+    if (typeof code === "string" && code.startsWith("SQLITE_BUSY")) return true;
+    if (typeof message === "string" && message.startsWith("SQLITE_BUSY")) return true;
+    e = (e as { driverError?: unknown; cause?: unknown }).driverError ?? (e as { cause?: unknown }).cause;
+  }
+  return false;
 }

@@ -1,6 +1,12 @@
 import { DataSource, EntityManager, MissingDriverError, Repository } from "typeorm";
 import type { DataSourceOptions, EntityTarget, ObjectLiteral } from "typeorm";
-import { NoActiveSessionError, RegistryBusyError, RegistryNotConfiguredError, SessionClosedError } from "../errors.js";
+import {
+  NoActiveSessionError,
+  RegistryBusyError,
+  RegistryClosedError,
+  RegistryNotConfiguredError,
+  SessionClosedError,
+} from "../errors.js";
 import { openScope, runBlock, type SessionBody } from "./block.js";
 import { type DriverFamily, familyOf, isSingleConnection } from "./driver.js";
 import { Lease } from "./lease.js";
@@ -17,6 +23,12 @@ interface CommonRegistryOptions {
    * @default "default" for the default registry, else "registry-N"
    */
   name?: string;
+  /**
+   * A session open longer than this, in milliseconds, emits `leak` once, with the
+   * stack that opened it and its name.
+   * @default none
+   */
+  leakDetectionMs?: number;
 }
 
 /** Build the registry on an existing DataSource (initialized on first use if needed). */
@@ -60,10 +72,17 @@ export interface SessionEvent {
   readonly error?: unknown;
   /** On `begin`, `commit` and `rollback`: whether this was a savepoint of an outer transaction. */
   readonly savepoint?: boolean;
+  /** On `leak`: the stack trace of the code that opened the session. */
+  readonly stack?: string;
+  /** On `begin`, `commit` and `rollback` of a block run with `retry`: the attempt, from 1. */
+  readonly attempt?: number;
+  /** On `close`: the session had been reported through `leak`. */
+  readonly leakReported?: boolean;
 }
 
 /** Names of registry events. */
-export type SessionEventName = "open" | "connect" | "begin" | "commit" | "rollback" | "close" | "error";
+export type SessionEventName =
+  "open" | "connect" | "begin" | "commit" | "rollback" | "close" | "timeout" | "leak" | "error";
 
 /** A listener of registry events. */
 export type SessionListener = (event: SessionEvent) => void;
@@ -80,9 +99,53 @@ export interface SessionStats {
   readonly commits: number;
   /** Outermost transactions rolled back. */
   readonly rollbacks: number;
+  /** Blocks that ran past their `timeoutMs`. */
+  readonly timeouts: number;
+  /** Sessions reported through `leak`. */
+  readonly leaks: number;
 }
 
-const EVENT_NAMES: readonly SessionEventName[] = ["open", "connect", "begin", "commit", "rollback", "close", "error"];
+/** Options of {@link SessionRegistry.drain}. */
+export interface DrainOptions {
+  /**
+   * How long to wait for open sessions to end by themselves before force-closing them.
+   * @default no limit
+   */
+  timeoutMs?: number;
+  /**
+   * Destroy the DataSource at the end.
+   * @default false
+   */
+  destroy?: boolean;
+}
+
+/** What {@link SessionRegistry.drain} did. */
+export interface DrainResult {
+  /** Sessions that ended by themselves during the wait. */
+  readonly waited: number;
+  /** Sessions force-closed (rolled back, released) after the wait. */
+  readonly forced: number;
+}
+
+const EVENT_NAMES: readonly SessionEventName[] = [
+  "open",
+  "connect",
+  "begin",
+  "commit",
+  "rollback",
+  "close",
+  "timeout",
+  "leak",
+  "error",
+];
+
+/** @internal What blocks need of a registry besides what sessions need. */
+export interface RegistryHost extends SessionHost {
+  /** A new session; throws {@link RegistryClosedError} while the registry drains. */
+  createSession(name: string | undefined): Session;
+  /** A block ran past its timeoutMs. */
+  timedOut(session: Session, durationMs: number): void;
+}
 
 /** Leases of single-connection DataSources, shared by every registry that uses one. */
 const leases = new WeakMap<DataSource, Lease<Session> | null>();
@@ -118,6 +181,15 @@ export class SessionRegistry {
   #closed = 0;
   #commits = 0;
   #rollbacks = 0;
+  #timeouts = 0;
+  #leaks = 0;
+  #leakDetectionMs: number | undefined;
+  /** Open sessions, with their leak timers. */
+  readonly #open = new Map<Session, { timer?: NodeJS.Timeout; leaked?: boolean }>();
+  /** Set by drain(): no new sessions. */
+  #draining = false;
+  /** Resolved when the last open session closes, while drain() waits for that. */
+  #idle: (() => void) | undefined;
 
   /** Use {@link createSessionRegistry}. */
   constructor(options: SessionRegistryOptions = {}) {
@@ -128,6 +200,7 @@ export class SessionRegistry {
       throw new TypeError(`Expected \`name\` to be a string, got ${describe(options.name)}`);
     }
     this.name = options.name ?? `registry-${++registries}`;
+    this.#leakDetectionMs = leakDetection(options);
     this.#input = dataSourceInput(options);
   }
 
@@ -151,7 +224,9 @@ export class SessionRegistry {
       throw new TypeError(`Expected registry options to be an object, got ${describe(options)}`);
     }
     if (this.#active > 0) throw new RegistryBusyError(this.name, this.#active);
+    this.#leakDetectionMs = leakDetection(options);
     this.#input = dataSourceInput(options);
+    this.#draining = false;
     this.#host = undefined;
     this.#initializing = undefined;
   }
@@ -315,7 +390,79 @@ export class SessionRegistry {
       closed: this.#closed,
       commits: this.#commits,
       rollbacks: this.#rollbacks,
+      timeouts: this.#timeouts,
+      leaks: this.#leaks,
     };
+  }
+
+  /**
+   * Run `fn(session)` in a fresh scope with its own session that does not inherit
+   * the caller's: work started from a request that must outlive it. Its result, as
+   * a promise.
+   *
+   * @param fn - the body; receives the new session
+   * @param options - block options; `propagation` does not apply
+   * @throws {@link PropagationError} (as a rejection) on SQLite when the caller's scope holds an open transaction
+   * @throws {@link RegistryClosedError} (as a rejection) while the registry drains
+   * @example
+   * ```ts
+   * app.post("/reports", async (req, res) => {
+   *   void db.detached(() => buildReport(req.body)); // goes on after the response
+   *   res.status(202).end();
+   * });
+   * ```
+   */
+  detached<T>(fn: SessionBody<T>, options?: SessionOptions): Promise<T> {
+    return runBlock(this, fn, options, false, true);
+  }
+
+  /**
+   * Shut down: refuse new sessions ({@link RegistryClosedError}), wait for the open
+   * ones to end, force-close (roll back, release) those still open after
+   * `timeoutMs` — their blocks reject with {@link SessionClosedError} — and
+   * optionally destroy the DataSource. Call it on SIGTERM. `configure()` opens the
+   * registry again.
+   *
+   * @param options - `timeoutMs` (default: wait as long as it takes), `destroy` (default false)
+   * @returns how many sessions ended by themselves (`waited`) and how many were forced
+   * @example
+   * ```ts
+   * process.once("SIGTERM", async () => {
+   *   server.close();
+   *   const { forced } = await db.drain({ timeoutMs: 10_000, destroy: true });
+   *   process.exit(forced === 0 ? 0 : 1);
+   * });
+   * ```
+   */
+  async drain(options: DrainOptions = {}): Promise<DrainResult> {
+    if (typeof options !== "object" || options === null) {
+      throw new TypeError(`Expected drain options to be an object, got ${describe(options)}`);
+    }
+    const { timeoutMs, destroy = false } = options;
+    if (timeoutMs !== undefined && (typeof timeoutMs !== "number" || !(timeoutMs >= 0))) {
+      throw new RangeError(
+        `Expected \`timeoutMs\` to be a number of milliseconds from 0 up, got ${describe(timeoutMs)}`,
+      );
+    }
+    if (typeof destroy !== "boolean")
+      throw new TypeError(`Expected \`destroy\` to be a boolean, got ${describe(destroy)}`);
+    this.#draining = true;
+    const before = this.#open.size;
+    if (before > 0) {
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([
+        new Promise<void>((resolve) => (this.#idle = resolve)),
+        ...(timeoutMs === undefined ? [] : [new Promise<void>((resolve) => (timer = setTimeout(resolve, timeoutMs)))]),
+      ]);
+      clearTimeout(timer);
+      this.#idle = undefined;
+    }
+    const left = [...this.#open.keys()];
+    await Promise.all(
+      left.map((session) => session._kill(new Error(`force-closed by registry "${this.name}" drain()`))),
+    );
+    if (destroy && this.#host?.dataSource.isInitialized) await this.#host.dataSource.destroy();
+    return { waited: before - left.length, forced: left.length };
   }
 
   /**
@@ -336,10 +483,10 @@ export class SessionRegistry {
   }
 
   /** @internal The host of a registry that is known to be ready. */
-  _host(): SessionHost & { createSession(name: string | undefined): Session } {
+  _host(): RegistryHost {
     const host = this.#host;
     if (host === undefined) throw new RegistryNotConfiguredError(this.name);
-    return host as SessionHost & { createSession(name: string | undefined): Session };
+    return host as RegistryHost;
   }
 
   async #initialize(): Promise<SessionHost> {
@@ -355,7 +502,7 @@ export class SessionRegistry {
     return this.#host;
   }
 
-  #makeHost(dataSource: DataSource): SessionHost & { createSession(name: string | undefined): Session } {
+  #makeHost(dataSource: DataSource): RegistryHost {
     let lease = leases.get(dataSource);
     if (lease === undefined) {
       lease = isSingleConnection(dataSource) ? new Lease<Session>() : null;
@@ -367,12 +514,18 @@ export class SessionRegistry {
       family,
       lease: lease ?? undefined,
       createSession: (name: string | undefined): Session => {
+        if (this.#draining) throw new RegistryClosedError(this.name);
         const session = Session._create(this, host, name);
         this.#opened += 1;
         this.#active += 1;
         if (this.#active > this.#peak) this.#peak = this.#active;
+        this.#open.set(session, this.#leakWatch(session));
         this.#emit("open", session);
         return session;
+      },
+      timedOut: (session: Session, durationMs: number): void => {
+        this.#timeouts += 1;
+        this.#emit("timeout", session, { durationMs });
       },
       emit: (event: SessionEventName, session: Session, extra?: object): void => {
         if (event === "commit" && !(extra as SessionEvent | undefined)?.savepoint) this.#commits += 1;
@@ -383,12 +536,34 @@ export class SessionRegistry {
         this.#emit("error", session, { error });
       },
       closed: (session: Session, durationMs: number): void => {
+        const watch = this.#open.get(session);
+        clearTimeout(watch?.timer);
+        this.#open.delete(session);
         this.#active -= 1;
         this.#closed += 1;
-        this.#emit("close", session, { durationMs });
+        this.#emit("close", session, watch?.leaked ? { durationMs, leakReported: true } : { durationMs });
+        if (this.#open.size === 0) this.#idle?.();
       },
     };
     return host;
+  }
+
+  /** With `leakDetectionMs`: remember where the session was opened, and report it once if it stays open. */
+  #leakWatch(session: Session): { timer?: NodeJS.Timeout; leaked?: boolean } {
+    const limit = this.#leakDetectionMs;
+    if (limit === undefined) return {};
+    const traceLimit = Error.stackTraceLimit;
+    Error.stackTraceLimit = 30; // past this library's own frames, to the application's
+    const stack = new Error(`${String(session)} opened here`).stack;
+    Error.stackTraceLimit = traceLimit;
+    const watch: { timer?: NodeJS.Timeout; leaked?: boolean } = {};
+    watch.timer = setTimeout(() => {
+      watch.leaked = true;
+      this.#leaks += 1;
+      this.#emit("leak", session, { stack, durationMs: limit });
+    }, limit);
+    watch.timer.unref();
+    return watch;
   }
 
   #emit(event: SessionEventName, session: Session, extra?: object): void {
@@ -415,6 +590,15 @@ function warn(registry: string, session: Session, error: unknown): void {
       ` (add an "error" listener to the registry to handle this yourself)`,
     { code: "TYPEORM_SCOPED_SESSION_ERROR" },
   );
+}
+
+function leakDetection(options: SessionRegistryOptions): number | undefined {
+  const value = options.leakDetectionMs;
+  if (value === undefined) return undefined;
+  if (typeof value !== "number" || !Number.isFinite(value) || value <= 0) {
+    throw new RangeError(`Expected \`leakDetectionMs\` to be a number of milliseconds above 0, got ${describe(value)}`);
+  }
+  return value;
 }
 
 function dataSourceInput(options: SessionRegistryOptions): DataSourceInput | undefined {

@@ -23,6 +23,8 @@ export interface Scope {
 export interface Frame {
   readonly scope: Scope;
   readonly parent: Frame | undefined;
+  /** For a detached scope, which inherits nothing: where it was started from. */
+  readonly origin?: Frame | undefined;
 }
 
 /**
@@ -57,4 +59,12 @@ export function scopeOf(frame: Frame | undefined, session: Session): Scope {
     if (f.scope.session === session) return f.scope;
   }
   return { registry: session.registry, session, ended: false };
+}
+
+/**
+ * Every frame that leads to `frame`, through detached scopes to the code that
+ * started them: who could be waiting for work that runs in `frame`.
+ */
+export function* lineage(frame: Frame | undefined): Generator<Frame> {
+  for (let f = frame; f !== undefined; f = f.parent ?? f.origin) yield f;
 }

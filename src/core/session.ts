@@ -1,11 +1,11 @@
 import type { DataSource, EntityManager, EntityTarget, ObjectLiteral, QueryRunner, Repository } from "typeorm";
-import { PropagationError, SessionClosedError, TransactionNotActiveError } from "../errors.js";
+import { PropagationError, SessionClosedError, SessionTimeoutError, TransactionNotActiveError } from "../errors.js";
 import type { Lease } from "./lease.js";
 import type { IsolationLevel } from "./options.js";
 import type { SessionRegistry } from "./registry.js";
 import { joinSession } from "./block.js";
 import { describe, resolveOptions } from "./options.js";
-import { type Frame, isWithin, scopeOf, storage } from "./scope.js";
+import { type Frame, isWithin, lineage, scopeOf, storage } from "./scope.js";
 import { discardConnection, type DriverFamily } from "./driver.js";
 
 /** A callback registered with {@link Session.afterCommit} or {@link Session.afterRollback}. */
@@ -18,6 +18,7 @@ export interface LevelSpec {
   readonly durable: boolean;
   readonly savepoint: boolean;
   readonly name: string | undefined;
+  readonly attempt?: number | undefined;
 }
 
 /**
@@ -37,6 +38,8 @@ interface Level {
   begun: boolean;
   /** Rolled back by the session closing or discarding its connection, not by its owner. */
   forced: boolean;
+  /** The attempt (from 1) of a block run with `retry`, for the events. */
+  readonly attempt: number | undefined;
   ended: "committed" | "rolledBack" | undefined;
 }
 
@@ -117,6 +120,12 @@ export class Session {
   #starting: Promise<void> | undefined;
   /** `afterCommit` callbacks run at once (outside a transaction) that have not finished. */
   readonly #running = new Set<Promise<void>>();
+  /** Why the session was force-closed (it timed out, or the registry was drained). */
+  #killed: Error | undefined;
+  /** Statements sent and not answered yet (pooled drivers), for cancelling on a timeout. */
+  #inFlight = 0;
+  /** Blocks waiting on this session that must settle at once if it is force-closed. */
+  #guards: Set<(error: unknown, closed: Promise<void>) => void> | undefined;
 
   /** Sessions are created by registries, never directly. */
   private constructor(registry: SessionRegistry, host: SessionHost, name: string | undefined) {
@@ -408,6 +417,58 @@ export class Session {
     return this.#closing;
   }
 
+  /**
+   * @internal Force the session closed now (a timeout, a drain): make the blocks
+   * waiting on it reject, cancel the statement PostgreSQL is running for it, roll
+   * back, release.
+   */
+  async _kill(reason: Error): Promise<void> {
+    if (this.#state === CLOSED) return;
+    this.#killed ??= reason;
+    const killing = (async () => {
+      if (this.#inFlight > 0 && this.#host.family === "postgres") await this.#cancelStatement();
+      await this._runCallbacks(await this._close());
+    })();
+    // The blocks settle with this reason once the session is closed, whatever the
+    // abandoned body runs into meanwhile.
+    const error = reason instanceof SessionTimeoutError ? reason : this.#closedError();
+    for (const settleNow of this.#guards ?? []) settleNow(error, killing);
+    await killing;
+  }
+
+  /**
+   * @internal The outcome of a block's body, unless the session is force-closed
+   * first: then the block rejects with the reason once the session is closed, and
+   * the body is abandoned.
+   */
+  _guard<T>(outcome: T | Promise<T>): Promise<T> {
+    if (!(outcome instanceof Promise)) return Promise.resolve(outcome);
+    return new Promise<T>((resolve, reject) => {
+      let killed = false;
+      const guard = (error: unknown, closed: Promise<void>): void => {
+        killed = true;
+        void closed.then(() => reject(error));
+      };
+      const guards = (this.#guards ??= new Set());
+      guards.add(guard);
+      outcome.then(
+        (value) => {
+          guards.delete(guard);
+          if (!killed) resolve(value);
+        },
+        (error: unknown) => {
+          guards.delete(guard);
+          if (!killed) reject(error);
+        },
+      );
+    });
+  }
+
+  /** @internal Why the session was force-closed, if it was. */
+  _killedBy(): Error | undefined {
+    return this.#killed;
+  }
+
   /** @internal Run callbacks in order, reporting failures through `error`. */
   async _runCallbacks(callbacks: readonly SessionCallback[]): Promise<void> {
     for (const callback of callbacks) {
@@ -462,6 +523,7 @@ export class Session {
   }
 
   #closedError(detail?: string): SessionClosedError {
+    if (detail === undefined && this.#killed !== undefined) detail = this.#killed.message;
     if (detail === undefined && this.#broken !== undefined) {
       detail = "its connection was discarded after a failed COMMIT or ROLLBACK";
     }
@@ -669,7 +731,7 @@ export class Session {
   #acquire(lease: Lease<Session>): Promise<void> | undefined {
     const holder = lease.holder;
     if (holder !== undefined && holder !== this && holder.inTransaction) {
-      for (let f = storage.getStore(); f !== undefined; f = f.parent) {
+      for (const f of lineage(storage.getStore())) {
         if (f.scope.session === holder) {
           throw new PropagationError(
             `${String(this)} needs the single connection of this ${this.#host.family} database, but the ` +
@@ -709,7 +771,12 @@ export class Session {
     const lease = this.#host.lease;
     if (lease === undefined) {
       await this.#gatePooled(frame);
-      return runQuery(real, sql, parameters, structured);
+      this.#inFlight += 1;
+      try {
+        return await runQuery(real, sql, parameters, structured);
+      } finally {
+        this.#inFlight -= 1;
+      }
     }
     // Each pass waits for something (a turn, the lease) and checks again: whatever
     // changed meanwhile, the statement runs only when it may.
@@ -763,6 +830,7 @@ export class Session {
       startedAt: performance.now(),
       begun: false,
       forced: false,
+      attempt: spec.attempt,
       afterCommit: undefined,
       afterRollback: undefined,
       rollbackOnly: undefined,
@@ -828,7 +896,7 @@ export class Session {
       this.#wake();
       throw error;
     }
-    this.#host.emit("begin", this, { savepoint: level.savepoint });
+    this.#host.emit("begin", this, { savepoint: level.savepoint, attempt: level.attempt });
     return handle;
   }
 
@@ -881,7 +949,11 @@ export class Session {
       // A failed COMMIT leaves the connection in an unknown state: never reuse it.
       this.#pop(level, "rolledBack");
       await this.#discard(error);
-      this.#host.emit("rollback", this, { error, durationMs: performance.now() - level.startedAt });
+      this.#host.emit("rollback", this, {
+        error,
+        durationMs: performance.now() - level.startedAt,
+        attempt: level.attempt,
+      });
       this.#wake();
       return { callbacks: level.afterRollback ?? [], error };
     }
@@ -893,7 +965,11 @@ export class Session {
     } else {
       await this.#endOutermost(real, level);
     }
-    this.#host.emit("commit", this, { savepoint: level.savepoint, durationMs: performance.now() - level.startedAt });
+    this.#host.emit("commit", this, {
+      savepoint: level.savepoint,
+      durationMs: performance.now() - level.startedAt,
+      attempt: level.attempt,
+    });
     this.#wake();
     return { callbacks: level.savepoint ? [] : (level.afterCommit ?? []) };
   }
@@ -915,7 +991,11 @@ export class Session {
       this.#pop(level, "rolledBack");
       if (!level.savepoint) await this.#endOutermost(real, level);
     }
-    this.#host.emit("rollback", this, { savepoint: level.savepoint, durationMs: performance.now() - level.startedAt });
+    this.#host.emit("rollback", this, {
+      savepoint: level.savepoint,
+      durationMs: performance.now() - level.startedAt,
+      attempt: level.attempt,
+    });
     this.#wake();
     return { callbacks: level.afterRollback ?? [] };
   }
@@ -930,6 +1010,30 @@ export class Session {
       }
     }
     this.#host.lease?.release(this);
+  }
+
+  /**
+   * Ask PostgreSQL to stop the statement this session's backend is running, from a
+   * connection of its own (the pool may be exhausted), so that the ROLLBACK that follows
+   * does not wait for it and the server does not keep working for nobody.
+   */
+  async #cancelStatement(): Promise<void> {
+    const driver = this.#host.dataSource.driver as unknown as {
+      postgres?: { Client: new (options: unknown) => PgClient };
+      master?: { options?: unknown };
+    };
+    const pid = (this.#real as unknown as { databaseConnection?: { processID?: number } }).databaseConnection
+      ?.processID;
+    if (driver.postgres === undefined || driver.master?.options === undefined || pid === undefined) return;
+    const client = new driver.postgres.Client(driver.master.options);
+    try {
+      await client.connect();
+      await client.query("SELECT pg_cancel_backend($1)", [pid]);
+    } catch (error) {
+      this.#host.reportError(this, error);
+    } finally {
+      await client.end().catch(() => undefined);
+    }
   }
 
   /**
@@ -949,6 +1053,13 @@ export class Session {
     this.#abort?.abort(this.#closedError());
     this.#wake();
   }
+}
+
+/** The part of node-postgres' Client used to cancel a statement. */
+interface PgClient {
+  connect(): Promise<unknown>;
+  query(sql: string, parameters: unknown[]): Promise<unknown>;
+  end(): Promise<unknown>;
 }
 
 type AnyQuery = (sql: string, parameters?: unknown[], structured?: boolean) => Promise<unknown>;

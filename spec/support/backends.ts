@@ -81,7 +81,7 @@ const postgres: Backend = {
     const cleaner = db.dataSource();
     await cleaner.initialize();
     await cleaner.query("TRUNCATE notes, accounts RESTART IDENTITY");
-    for (const table of ["parent", "child"]) await cleaner.query(`DROP TABLE IF EXISTS ${table} CASCADE`);
+    for (const table of ["parent", "child", "transfers"]) await cleaner.query(`DROP TABLE IF EXISTS ${table} CASCADE`);
     await cleaner.destroy();
     return db;
   },

@@ -133,7 +133,8 @@ function timeout(session: Session, host: RegistryHost, timeoutMs: number | undef
   const started = performance.now();
   return setTimeout(() => {
     host.timedOut(session, performance.now() - started);
-    void session._kill(new SessionTimeoutError(String(session), timeoutMs));
+    const waiting = session._waitingForConnection() ? "while waiting for a connection (all are in use)" : undefined;
+    void session._kill(new SessionTimeoutError(String(session), timeoutMs, waiting));
   }, timeoutMs);
 }
 

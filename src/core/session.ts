@@ -38,6 +38,8 @@ interface Level {
   begun: boolean;
   /** Rolled back by the session closing or discarding its connection, not by its owner. */
   forced: boolean;
+  /** The COMMIT or ROLLBACK under way, so that no one ends the level twice. */
+  ending: Promise<LevelOutcome> | undefined;
   /** The attempt (from 1) of a block run with `retry`, for the events. */
   readonly attempt: number | undefined;
   ended: "committed" | "rolledBack" | undefined;
@@ -367,7 +369,9 @@ export class Session {
   async _exit(handle: LevelHandle, commit: boolean): Promise<LevelOutcome> {
     const { level, joined } = handle as Handle;
     if (joined) return { callbacks: [] };
-    if (level.ended !== undefined) {
+    if (level.ended !== undefined || level.ending !== undefined) {
+      // Ended, or being ended by the session closing: wait for that, never end it twice.
+      await level.ending;
       if (commit && level.forced) {
         return { callbacks: [], error: this.#closedError("its transaction was rolled back when it closed") };
       }
@@ -377,10 +381,10 @@ export class Session {
       // Levels opened above this one and left open (a begin() without commit) are undone.
       const callbacks: SessionCallback[] = [];
       while (this.#levels.length > 0 && this.#levels.at(-1) !== level && level.ended === undefined) {
-        callbacks.push(...(await this.#rollbackLevel(this.#levels.at(-1)!)).callbacks);
+        callbacks.push(...(await this.#end(this.#levels.at(-1)!, false)).callbacks);
       }
       if (level.ended !== undefined) return { callbacks, error: this.#closedError() };
-      const outcome = commit ? await this.#commitLevel(level) : await this.#rollbackLevel(level);
+      const outcome = await this.#end(level, commit);
       return callbacks.length === 0 ? outcome : { ...outcome, callbacks: [...callbacks, ...outcome.callbacks] };
     });
   }
@@ -464,6 +468,13 @@ export class Session {
     });
   }
 
+  /** @internal Whether the session is still waiting for its connection (the pool, or SQLite's lease). */
+  _waitingForConnection(): boolean {
+    if (this.#connected instanceof Promise) return true;
+    const lease = this.#host.lease;
+    return lease !== undefined && this.#levels.length > 0 && lease.holder !== this;
+  }
+
   /** @internal Why the session was force-closed, if it was. */
   _killedBy(): Error | undefined {
     return this.#killed;
@@ -487,11 +498,11 @@ export class Session {
     const callbacks: SessionCallback[] = [];
     await this.#asCloser(async () => {
       // A BEGIN or SAVEPOINT in flight finishes first, so that it is undone below.
-      await this.#starting;
+      while (this.#starting !== undefined) await this.#starting;
       while (this.#levels.length > 0 && this.#broken === undefined) {
         const top = this.#levels.at(-1)!;
         top.forced = true;
-        if (top.begun) callbacks.push(...(await this.#rollbackLevel(top)).callbacks);
+        if (top.begun || top.ending !== undefined) callbacks.push(...(await this.#end(top, false)).callbacks);
         else this.#pop(top, "rolledBack"); // still waiting for the connection: nothing to undo
       }
       if (this.#real !== undefined && this.#broken === undefined && this.#host.lease === undefined) {
@@ -830,6 +841,7 @@ export class Session {
       startedAt: performance.now(),
       begun: false,
       forced: false,
+      ending: undefined,
       attempt: spec.attempt,
       afterCommit: undefined,
       afterRollback: undefined,
@@ -863,8 +875,8 @@ export class Session {
       }
       // One BEGIN or SAVEPOINT at a time: a savepoint needs its transaction begun.
       while (this.#starting !== undefined) await this.#starting;
-      // Closed while waiting: nothing was begun.
-      if (level.ended !== undefined || this.#broken !== undefined) throw this.#closedError();
+      // Closing or closed while waiting: nothing was begun, and nothing may be now.
+      if (level.ended !== undefined || !this._usableFrom(storage.getStore())) throw this.#closedError();
       const below = this.#levels[this.#levels.indexOf(level) - 1];
       if (level.savepoint && below?.begun !== true) {
         throw new PropagationError(`${String(this)}: the transaction this savepoint belongs to failed to begin.`);
@@ -924,6 +936,16 @@ export class Session {
     const index = this.#levels.indexOf(level);
     if (index !== -1) this.#levels.splice(index, 1);
     level.ended = ended;
+  }
+
+  /**
+   * End a level once: whoever comes second (the session closing while its block
+   * commits, say) waits for the first and gets nothing to do.
+   */
+  #end(level: Level, commit: boolean): Promise<LevelOutcome> {
+    if (level.ending !== undefined) return level.ending.then(() => ({ callbacks: [] }));
+    level.ending = commit ? this.#commitLevel(level) : this.#rollbackLevel(level);
+    return level.ending;
   }
 
   async #commitLevel(level: Level): Promise<LevelOutcome> {
@@ -1044,7 +1066,9 @@ export class Session {
   async #discard(error: unknown): Promise<void> {
     if (this.#broken !== undefined) return;
     this.#broken = error ?? new Error("connection discarded");
-    await discardConnection(this.#real!, this.#host.lease !== undefined, error);
+    const lease = this.#host.lease;
+    // The shared connection is ours to clean up only while we hold it.
+    if (lease === undefined || lease.holder === this) await discardConnection(this.#real!, lease !== undefined, error);
     this.#host.lease?.releaseAll(this);
     for (const level of this.#levels.splice(0)) {
       level.ended = "rolledBack";

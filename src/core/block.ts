@@ -81,6 +81,9 @@ export async function execute<T>(bound: SessionRegistry, fn: SessionBody<T>, opt
 /** `registry.scope(fn)`: a new scope whose session is created on first use. @internal */
 export async function openScope<T>(registry: SessionRegistry, fn: () => T | Promise<T>): Promise<T> {
   if (typeof fn !== "function") throw new TypeError(`Expected the scope body to be a function, got ${describe(fn)}`);
+  const test = registry._testScope;
+  // Under useTransactionalTests() a request's scope is the test's: same session, same transaction.
+  if (test !== undefined) return storage.run({ scope: test, parent: storage.getStore() }, fn);
   const ready = registry._ready();
   const host = (ready instanceof Promise ? await ready : ready) as RegistryHost;
   const scope: Scope = { registry, session: undefined, ended: false };
@@ -230,8 +233,10 @@ async function transactional<T>(
 function assertSecondSessionAllowed(here: Frame | undefined, host: RegistryHost, opts: BlockOptions): void {
   const lease = host.lease;
   if (lease === undefined) return;
-  for (const f of lineage(here)) {
-    const session = f.scope.session;
+  const holders = [...lineage(here)].map((f) => f.scope.session);
+  // Under useTransactionalTests() the test's transaction holds the connection throughout.
+  if (lease.holder?._test === true) holders.push(lease.holder);
+  for (const session of holders) {
     if (session !== undefined && session._holdsTransactionOn(lease)) {
       const how = opts.detached === true ? "detached()" : 'propagation "requiresNew"';
       throw new PropagationError(

@@ -11,7 +11,7 @@ import { openScope, runBlock, type SessionBody } from "./block.js";
 import { type DriverFamily, familyOf, isSingleConnection } from "./driver.js";
 import { Lease } from "./lease.js";
 import { describe, type SessionOptions } from "./options.js";
-import { findScope, storage } from "./scope.js";
+import { findScope, type Scope, storage } from "./scope.js";
 import { Session, type SessionHost } from "./session.js";
 
 /** A DataSource, or a function that makes one (late binding). */
@@ -190,6 +190,8 @@ export class SessionRegistry {
   #draining = false;
   /** Resolved when the last open session closes, while drain() waits for that. */
   #idle: (() => void) | undefined;
+  /** @internal The scope of useTransactionalTests(), which code outside every block joins. */
+  _testScope: Scope | undefined;
 
   /** Use {@link createSessionRegistry}. */
   constructor(options: SessionRegistryOptions = {}) {
@@ -463,6 +465,38 @@ export class SessionRegistry {
     );
     if (destroy && this.#host?.dataSource.isInitialized) await this.#host.dataSource.destroy();
     return { waited: before - left.length, forced: left.length };
+  }
+
+  /**
+   * @internal useTransactionalTests(): open the test's session and its outer
+   * transaction, invisible to the code under test, which joins it from anywhere.
+   */
+  async _beginTestTransaction(runAfterCommit: boolean): Promise<Session> {
+    if (this._testScope !== undefined) {
+      throw new Error(`Registry "${this.name}" is already in a transactional test: call useTransactionalTests() once per suite`);
+    }
+    const ready = this._ready();
+    const host = ready instanceof Promise ? await ready : ready;
+    const session = (host as RegistryHost).createSession("transactional test");
+    session._test = true;
+    await session._enter(undefined, {
+      isolation: undefined,
+      readOnly: false,
+      durable: false,
+      savepoint: true,
+      name: "transactional test",
+      invisible: true,
+      runAfterCommit,
+    });
+    this._testScope = { registry: this, session, ended: false };
+    return session;
+  }
+
+  /** @internal useTransactionalTests(): roll the test's transaction back and close its session. */
+  async _endTestTransaction(): Promise<void> {
+    const scope = this._testScope;
+    this._testScope = undefined;
+    if (scope?.session !== undefined) await scope.session._close();
   }
 
   /**

@@ -38,7 +38,8 @@ export function findScope(frame: Frame | undefined, registry: SessionRegistry): 
   for (let f = frame; f !== undefined; f = f.parent) {
     if (f.scope.registry === registry) return f.scope;
   }
-  return undefined;
+  // Under useTransactionalTests(), code outside every block runs in the test's scope.
+  return registry._testScope;
 }
 
 /** Whether `frame` is `ancestor` or runs inside it. */

@@ -19,6 +19,10 @@ export interface LevelSpec {
   readonly savepoint: boolean;
   readonly name: string | undefined;
   readonly attempt?: number | undefined;
+  /** The transaction of useTransactionalTests(): invisible to the code under test. */
+  readonly invisible?: boolean;
+  /** With `invisible`: run `afterCommit` callbacks when a block's savepoint is released. */
+  readonly runAfterCommit?: boolean;
 }
 
 /**
@@ -40,6 +44,9 @@ interface Level {
   forced: boolean;
   /** The COMMIT or ROLLBACK under way, so that no one ends the level twice. */
   ending: Promise<LevelOutcome> | undefined;
+  /** The outer transaction of useTransactionalTests(): blocks inside it behave as outermost. */
+  readonly invisible: boolean;
+  readonly runAfterCommit: boolean;
   /** The attempt (from 1) of a block run with `retry`, for the events. */
   readonly attempt: number | undefined;
   ended: "committed" | "rolledBack" | undefined;
@@ -97,6 +104,8 @@ let lastId = 0;
 export class Session {
   /** Process-wide unique number, handy in logs. */
   readonly id: number;
+  /** @internal The session of useTransactionalTests(). */
+  _test = false;
   /** The block's label (its `name` option or method name), if any. */
   readonly name: string | undefined;
   /** The registry that created this session. */
@@ -196,7 +205,7 @@ export class Session {
 
   /** Whether a transaction is open on this session. */
   get inTransaction(): boolean {
-    return this.#levels.length > 0;
+    return this.#visibleLevels() > 0;
   }
 
   /** Whether the session has been closed (or is closing) and accepts no new work. */
@@ -284,7 +293,8 @@ export class Session {
     const frame = storage.getStore();
     this.#assertUsable(frame);
     const level = this.#levelOf(frame);
-    if (level === undefined) {
+    if (level === undefined || level.invisible) {
+      if (level?.runAfterCommit === false) return;
       const running = this._runCallbacks([callback]);
       this.#running.add(running);
       void running.finally(() => this.#running.delete(running));
@@ -310,7 +320,7 @@ export class Session {
     const frame = storage.getStore();
     this.#assertUsable(frame);
     const level = this.#levelOf(frame);
-    if (level !== undefined) (level.afterRollback ??= []).push(callback);
+    if (level !== undefined && !level.invisible) (level.afterRollback ??= []).push(callback);
   }
 
   // ---------------------------------------------------------------------------
@@ -331,6 +341,11 @@ export class Session {
   /** @internal Whether this session holds an open transaction on `lease`. */
   _holdsTransactionOn(lease: Lease<Session>): boolean {
     return this.#levels.length > 0 && this.#host.lease === lease;
+  }
+
+  /** Open levels the code under test can see (all of them, outside useTransactionalTests()). */
+  #visibleLevels(): number {
+    return this.#levels.length - (this.#levels[0]?.invisible === true ? 1 : 0);
   }
 
   /**
@@ -620,7 +635,7 @@ export class Session {
       commitTransaction: { value: () => this.#viewEnd(true) },
       rollbackTransaction: { value: () => this.#viewEnd(false) },
       isTransactionActive: {
-        get: () => this.#levels.length > 0 && this.#mayRun(storage.getStore()),
+        get: () => this.#visibleLevels() > 0 && this.#mayRun(storage.getStore()),
       },
       isReleased: { get: () => false },
     }) as QueryRunner;
@@ -741,9 +756,9 @@ export class Session {
    */
   #acquire(lease: Lease<Session>): Promise<void> | undefined {
     const holder = lease.holder;
-    if (holder !== undefined && holder !== this && holder.inTransaction) {
+    if (holder !== undefined && holder !== this && holder._holdsTransactionOn(lease)) {
       for (const f of lineage(storage.getStore())) {
-        if (f.scope.session === holder) {
+        if (f.scope.session === holder || holder._test) {
           throw new PropagationError(
             `${String(this)} needs the single connection of this ${this.#host.family} database, but the ` +
               `enclosing ${String(holder)} holds it in an open transaction, so it would wait forever. ` +
@@ -812,7 +827,9 @@ export class Session {
   /** Push a level (synchronously, so that nobody slips in between) or decide to join. */
   #push(frame: Frame | undefined, spec: LevelSpec): Handle {
     const top = this.#levels.at(-1);
-    if (top !== undefined) {
+    // Under useTransactionalTests() a block that would be outermost behaves so: durable is
+    // allowed, isolation and readOnly are ignored, and its transaction is a savepoint.
+    if (top !== undefined && !top.invisible) {
       const who = spec.name === undefined ? "A nested transactional block" : `Block "${spec.name}"`;
       if (spec.durable) {
         throw new PropagationError(
@@ -837,12 +854,14 @@ export class Session {
     const level: Level = {
       owner: frame,
       savepoint: top !== undefined,
-      readOnly: top?.readOnly ?? spec.readOnly,
+      readOnly: top?.invisible === true ? false : (top?.readOnly ?? spec.readOnly),
       startedAt: performance.now(),
       begun: false,
       forced: false,
       ending: undefined,
       attempt: spec.attempt,
+      invisible: spec.invisible === true,
+      runAfterCommit: spec.runAfterCommit !== false,
       afterCommit: undefined,
       afterRollback: undefined,
       rollbackOnly: undefined,
@@ -981,6 +1000,12 @@ export class Session {
     }
     this.#pop(level, "committed");
     const parent = this.#levels.at(-1);
+    if (parent?.invisible === true) {
+      // Outermost to the code under test: its callbacks run now (or are dropped on request).
+      this.#host.emit("commit", this, { savepoint: true, durationMs: performance.now() - level.startedAt });
+      this.#wake();
+      return { callbacks: parent.runAfterCommit ? (level.afterCommit ?? []) : [] };
+    }
     if (level.savepoint && parent !== undefined) {
       if (level.afterCommit) (parent.afterCommit ??= []).push(...level.afterCommit);
       if (level.afterRollback) (parent.afterRollback ??= []).push(...level.afterRollback);

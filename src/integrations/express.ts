@@ -1,0 +1,80 @@
+import type { IncomingMessage, ServerResponse } from "node:http";
+import type { SessionRegistry } from "../core/registry.js";
+import { onResponseEnd, registryOption } from "./http.js";
+
+/** Options of {@link sessionMiddleware}. */
+export interface SessionMiddlewareOptions {
+  /**
+   * The registry whose scope each request runs in.
+   * @default defaultRegistry
+   */
+  registry?: SessionRegistry;
+}
+
+/**
+ * The middleware {@link sessionMiddleware} returns: an Express (4 or 5) request
+ * handler, typed with Node's own request and response so that it fits any
+ * version of `@types/express`.
+ */
+export type SessionMiddleware = (req: IncomingMessage, res: ServerResponse, next: (error?: unknown) => void) => void;
+
+/**
+ * Express middleware: one session scope per request. Everything the request's
+ * handlers run, however deep, gets the request's session from
+ * `currentSession(registry)`, `registry.current()` or the registry's
+ * `manager`/`getRepository` proxies, and blocks (`withSession`,
+ * `withTransaction`, decorated methods) join it.
+ *
+ * The session is created on first use: a request that never touches the
+ * database takes no connection. The scope is removed when the response has
+ * finished or the client has gone away, whichever comes first: a transaction
+ * left open is rolled back, the connection released, `session.signal` aborted.
+ * Work the handler still does after that gets `SessionClosedError`; start work
+ * that must outlive the response with `registry.detached()`.
+ *
+ * Errors of the handlers (thrown, or rejected by Express 5 async handlers) are
+ * left to Express: they reach its error middleware unchanged, still inside the
+ * request's scope.
+ *
+ * @param options - `registry` (default: `defaultRegistry`)
+ * @returns the middleware, to pass to `app.use()` (or to a router or a route)
+ * @throws TypeError when `options` is not an object or `registry` not a {@link SessionRegistry}
+ * @throws {@link RegistryNotConfiguredError} (passed to `next`) for each request while the registry has no data
+ *   source; an error initializing the DataSource on the first request is passed to `next` the same way
+ * @example
+ * ```ts
+ * import express from "express";
+ * import { createSessionRegistry } from "typeorm-scoped-session";
+ * import { sessionMiddleware } from "typeorm-scoped-session/express";
+ *
+ * const db = createSessionRegistry({ url: "postgres://app@localhost/app", entities: [User] });
+ * const users = db.getRepository(User); // resolves to the request's session, call by call
+ *
+ * const app = express();
+ * app.use(sessionMiddleware({ registry: db }));
+ * app.get("/users/:id", async (req, res) => {
+ *   res.json(await users.findOneBy({ id: Number(req.params.id) }));
+ * });
+ * app.post("/users", async (req, res) => {
+ *   const user = await db.withTransaction((s) => s.getRepository(User).save(req.body));
+ *   res.status(201).json(user);
+ * });
+ * ```
+ */
+export function sessionMiddleware(options: SessionMiddlewareOptions = {}): SessionMiddleware {
+  const registry = registryOption(options, "sessionMiddleware");
+  return function sessionMiddleware(req, res, next) {
+    registry
+      .scope(
+        () =>
+          new Promise<void>((resolve) => {
+            // Listen first: whatever `next()` starts may end the response.
+            onResponseEnd(req, res, resolve);
+            next();
+          }),
+      )
+      // Either the scope could not be opened (no data source, failed initialization), so the request
+      // goes on to Express's error handling, or `next()` threw synchronously, as a handler would have.
+      .catch((error: unknown) => next(error));
+  };
+}

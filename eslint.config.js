@@ -3,7 +3,7 @@ import js from "@eslint/js";
 import tseslint from "typescript-eslint";
 
 export default tseslint.config(
-  { ignores: ["dist/", "build/", "build-*/", "docs/", "node_modules/", "**/*.cjs", "eslint.config.js"] },
+  { ignores: ["dist/", "build/", "build-*/", "docs/api/", "node_modules/", "**/*.cjs", "eslint.config.js"] },
   js.configs.recommended,
   ...tseslint.configs.recommendedTypeChecked,
   {

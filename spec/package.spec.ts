@@ -24,7 +24,13 @@ describe("the published package", function () {
     const { peerDependencies } = JSON.parse(readFileSync(join(root, "package.json"), "utf8")) as {
       peerDependencies: Record<string, string>;
     };
-    expect(Object.keys(peerDependencies).sort()).to.deep.equal(["express", "koa", "node-cron", "reflect-metadata", "typeorm"]);
+    expect(Object.keys(peerDependencies).sort()).to.deep.equal([
+      "express",
+      "koa",
+      "node-cron",
+      "reflect-metadata",
+      "typeorm",
+    ]);
     execFileSync(
       npm,
       [

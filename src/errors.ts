@@ -95,6 +95,7 @@ export class SessionTimeoutError extends SessionError {
 /** The registry has no data source yet. */
 export class RegistryNotConfiguredError extends SessionError {
   readonly code = "ERR_REGISTRY_NOT_CONFIGURED";
+  /** Name of the registry that has no data source. */
   readonly registryName: string;
 
   constructor(registryName: string) {
@@ -109,6 +110,7 @@ export class RegistryNotConfiguredError extends SessionError {
 /** `configure()` was called while sessions of the registry are open. */
 export class RegistryBusyError extends SessionError {
   readonly code = "ERR_REGISTRY_BUSY";
+  /** Name of the registry that was asked to reconfigure. */
   readonly registryName: string;
   /** How many sessions were open. */
   readonly active: number;
@@ -126,6 +128,7 @@ export class RegistryBusyError extends SessionError {
 /** The registry is draining or drained and refuses new sessions. */
 export class RegistryClosedError extends SessionError {
   readonly code = "ERR_REGISTRY_CLOSED";
+  /** Name of the draining or drained registry. */
   readonly registryName: string;
 
   constructor(registryName: string) {

@@ -1,3 +1,9 @@
+/**
+ * Explicit session blocks for TypeORM: the session registry, the `withSession` and
+ * `withTransaction` blocks, the decorators, {@link Session} and the errors.
+ *
+ * @module typeorm-scoped-session
+ */
 export {
   configureSessions,
   createSessionRegistry,
@@ -6,6 +12,7 @@ export {
   SessionRegistry,
 } from "./core/registry.js";
 export type {
+  CommonRegistryOptions,
   DataSourceInput,
   DataSourceRegistryOptions,
   DrainOptions,

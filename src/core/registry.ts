@@ -17,7 +17,8 @@ import { Session, type SessionHost } from "./session.js";
 /** A DataSource, or a function that makes one (late binding). */
 export type DataSourceInput = DataSource | (() => DataSource | Promise<DataSource>);
 
-interface CommonRegistryOptions {
+/** Options every registry takes, whichever way it gets its DataSource. */
+export interface CommonRegistryOptions {
   /**
    * Shown in errors, events and leak reports.
    * @default "default" for the default registry, else "registry-N"
@@ -33,7 +34,9 @@ interface CommonRegistryOptions {
 
 /** Build the registry on an existing DataSource (initialized on first use if needed). */
 export interface DataSourceRegistryOptions extends CommonRegistryOptions {
+  /** The DataSource, or a function that returns one (or a promise of one) for late binding. */
   dataSource: DataSourceInput;
+  /** Not with `dataSource`: pass one or the other. */
   url?: never;
 }
 
@@ -44,15 +47,28 @@ export interface DataSourceRegistryOptions extends CommonRegistryOptions {
  * `logging`, `extra`, ...) passes through.
  */
 export interface UrlRegistryOptions extends CommonRegistryOptions {
+  /**
+   * Where the database is: `sqlite:./app.db`, `sqlite::memory:`, `better-sqlite3:./app.db`,
+   * `postgres://user:pw@host:5432/db`.
+   */
   url: string;
+  /** Not with `url`: pass one or the other. */
   dataSource?: never;
+  /** TypeORM's `entities` option: entity classes, schemas or glob paths. */
   entities?: DataSourceOptions["entities"];
+  /** TypeORM's `migrations` option. */
   migrations?: DataSourceOptions["migrations"];
+  /** TypeORM's `migrationsRun` option: run pending migrations when the DataSource initializes. */
   migrationsRun?: boolean;
+  /** TypeORM's `synchronize` option: create the schema from the entities on initialization. */
   synchronize?: boolean;
+  /** TypeORM's `logging` option. */
   logging?: DataSourceOptions["logging"];
+  /** TypeORM's `subscribers` option. */
   subscribers?: DataSourceOptions["subscribers"];
+  /** TypeORM's `namingStrategy` option. */
   namingStrategy?: DataSourceOptions["namingStrategy"];
+  /** TypeORM's `extra` option, passed to the driver (for example the `pg` pool settings). */
   extra?: unknown;
   [option: string]: unknown;
 }
@@ -93,7 +109,9 @@ export interface SessionStats {
   readonly active: number;
   /** Most sessions open at once. */
   readonly peak: number;
+  /** Sessions opened since the registry was created. */
   readonly opened: number;
+  /** Sessions closed since the registry was created. */
   readonly closed: number;
   /** Outermost transactions committed. */
   readonly commits: number;
@@ -473,7 +491,9 @@ export class SessionRegistry {
    */
   async _beginTestTransaction(runAfterCommit: boolean): Promise<Session> {
     if (this._testScope !== undefined) {
-      throw new Error(`Registry "${this.name}" is already in a transactional test: call useTransactionalTests() once per suite`);
+      throw new Error(
+        `Registry "${this.name}" is already in a transactional test: call useTransactionalTests() once per suite`,
+      );
     }
     const ready = this._ready();
     const host = ready instanceof Promise ? await ready : ready;
@@ -665,8 +685,25 @@ function dataSourceInput(options: SessionRegistryOptions): DataSourceInput | und
 /**
  * `sqlite:PATH`, `sqlite::memory:`, `better-sqlite3:PATH`, `postgres://...` (or
  * `postgresql://...`) to the DataSource options that select the driver.
+ *
+ * @param url - the database URL
+ * @returns the DataSource options `type` and `database` (SQLite) or `url` (PostgreSQL)
+ * @throws TypeError when `url` is not a string
+ * @throws RangeError when the scheme is not one of the above, or the path or host part is missing
+ * @example
+ * ```ts
+ * parseUrl("sqlite:./app.db"); // { type: "sqlite", database: "./app.db" }
+ * parseUrl("postgres://app@localhost/app"); // { type: "postgres", url: "postgres://app@localhost/app" }
+ * ```
  */
-export function parseUrl(url: unknown): { type: string; database?: string; url?: string } {
+export function parseUrl(url: unknown): {
+  /** The TypeORM driver: `"sqlite"`, `"better-sqlite3"` or `"postgres"`. */
+  type: string;
+  /** The database file, or `:memory:` (SQLite drivers). */
+  database?: string;
+  /** The connection URL (PostgreSQL). */
+  url?: string;
+} {
   if (typeof url !== "string") throw new TypeError(`Expected \`url\` to be a string, got ${describe(url)}`);
   const match = /^(sqlite|better-sqlite3|postgres|postgresql):(.*)$/.exec(url);
   if (match === null) {

@@ -4,6 +4,8 @@
  * one instance by keeping leases in the application's own database.
  *
  * node-cron is an optional peer dependency: only its types are used here.
+ *
+ * @module typeorm-scoped-session/cron
  */
 import type { RunCoordinator, TaskContext } from "node-cron";
 import { defaultRegistry, isRetryableError, SessionRegistry } from "../index.js";

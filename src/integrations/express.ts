@@ -1,3 +1,8 @@
+/**
+ * Express (4 and 5) middleware: one session scope per request.
+ *
+ * @module typeorm-scoped-session/express
+ */
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { SessionRegistry } from "../core/registry.js";
 import { onResponseEnd, registryOption } from "./http.js";
@@ -39,7 +44,7 @@ export type SessionMiddleware = (req: IncomingMessage, res: ServerResponse, next
  * @param options - `registry` (default: `defaultRegistry`)
  * @returns the middleware, to pass to `app.use()` (or to a router or a route)
  * @throws TypeError when `options` is not an object or `registry` not a {@link SessionRegistry}
- * @throws {@link RegistryNotConfiguredError} (passed to `next`) for each request while the registry has no data
+ * @throws {@link typeorm-scoped-session!RegistryNotConfiguredError} (passed to `next`) for each request while the registry has no data
  *   source; an error initializing the DataSource on the first request is passed to `next` the same way
  * @example
  * ```ts

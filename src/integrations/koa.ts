@@ -1,3 +1,8 @@
+/**
+ * Koa (2 and 3) middleware: one session scope per request.
+ *
+ * @module typeorm-scoped-session/koa
+ */
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { SessionRegistry } from "../core/registry.js";
 import { onResponseEnd, registryOption } from "./http.js";
@@ -13,7 +18,9 @@ export interface KoaSessionOptions {
 
 /** The part of a Koa context that {@link koaSession} uses. */
 export interface KoaSessionContext {
+  /** Node's request (`ctx.req`). */
   readonly req: IncomingMessage;
+  /** Node's response (`ctx.res`). */
   readonly res: ServerResponse;
 }
 
@@ -45,7 +52,7 @@ export type KoaSessionMiddleware = (ctx: KoaSessionContext, next: () => Promise<
  * @param options - `registry` (default: `defaultRegistry`)
  * @returns the middleware, to pass to `app.use()`
  * @throws TypeError when `options` is not an object or `registry` not a {@link SessionRegistry}
- * @throws {@link RegistryNotConfiguredError} (as a rejection, for each request) while the registry has no data
+ * @throws {@link typeorm-scoped-session!RegistryNotConfiguredError} (as a rejection, for each request) while the registry has no data
  *   source; an error initializing the DataSource on the first request rejects the same way
  * @example
  * ```ts

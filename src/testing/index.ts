@@ -1,7 +1,7 @@
 /**
  * Transaction-per-test helpers for mocha.
  *
- * @module
+ * @module typeorm-scoped-session/testing
  */
 import { describe as describeValue } from "../core/options.js";
 import { defaultRegistry, SessionRegistry } from "../core/registry.js";
@@ -36,7 +36,7 @@ type Hook = (fn: (this: unknown) => Promise<void>) => void;
  * block with no transaction of its own), unless `runAfterCommit: false`. Request
  * scopes (`registry.scope()`, the middleware) join it too. A second session
  * (`requiresNew`, `detached()`) is not part of it: on SQLite, whose one connection
- * the test's transaction holds, it rejects with {@link PropagationError}; on
+ * the test's transaction holds, it rejects with {@link typeorm-scoped-session!PropagationError}; on
  * PostgreSQL it commits for real.
  *
  * @param options - `registry` (default {@link defaultRegistry}), `runAfterCommit` (default true)

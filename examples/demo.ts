@@ -3,18 +3,25 @@
  *
  * It shows a plain session block, a transaction that commits, one that rolls back,
  * a savepoint, and what happens to 8 concurrent transactions on SQLite's single
- * connection with raw TypeORM and with session blocks.
+ * connection with raw TypeORM and with session blocks; then the three kinds of unit
+ * of work: web requests (the Express example), cron ticks (the node-cron example)
+ * and a background worker's batch (the worker example).
  */
 import "reflect-metadata";
 import { Column, Entity, PrimaryGeneratedColumn } from "typeorm";
+import { DataSource } from "typeorm";
 import {
   configureSessions,
   currentSession,
   defaultRegistry,
+  type SessionEventName,
+  type SessionRegistry,
   withSession,
   withTransaction,
-  type SessionEventName,
 } from "typeorm-scoped-session";
+import { runCronJob } from "./cron-job.js";
+import { createRegistry, start } from "./express-app.js";
+import { Job, jobs, JobWorker, LedgerEntry, runWorkers } from "./worker.js";
 
 @Entity("notes")
 class Note {
@@ -126,6 +133,66 @@ async function main(): Promise<void> {
   say(`   ${JSON.stringify(stats)}`);
   await dataSource.destroy();
   if (ourRows !== 4 || stats.active !== 0) throw new Error("the demo did not end as it should");
+
+  await web();
+  await ticks();
+  await worker();
+  say("\nAll units of work ended with their sessions closed.");
+}
+
+/** What a registry did, in one line. */
+function summary(registry: SessionRegistry): string {
+  const { opened, closed, active, commits, rollbacks } = registry.stats();
+  return `sessions opened ${opened}, closed ${closed}, still open ${active}; commits ${commits}, rollbacks ${rollbacks}`;
+}
+
+async function web(): Promise<void> {
+  step("web: the Express example, one session per request (sessionMiddleware)");
+  const registry = createRegistry();
+  const { server, url } = await start(registry);
+  const send = async (method: string, path: string, body?: unknown): Promise<string> => {
+    const response = await fetch(`${url}${path}`, {
+      method,
+      headers: body === undefined ? {} : { "content-type": "application/json" },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    return `${method} ${path} -> ${response.status} ${await response.text()}`;
+  };
+  say(`   ${await send("GET", "/health")}   (no database work: no session connected)`);
+  say(`   ${await send("POST", "/todos", { title: "milk" })}`);
+  say(`   ${await send("POST", "/todos", {})}   (rejected before any write)`);
+  say(`   ${await send("POST", "/todos/1/done")}`);
+  say(`   ${await send("GET", "/todos")}`);
+  await new Promise<void>((resolve) => server.close(() => resolve()));
+  say(`   ${summary(registry)}`);
+  const { forced } = await registry.drain({ destroy: true });
+  if (registry.stats().active !== 0 || forced !== 0) throw new Error("a request left its session open");
+}
+
+async function ticks(): Promise<void> {
+  step("cron: two ticks of a node-cron task (sessionTask + DatabaseRunCoordinator)");
+  const result = await runCronJob(2, (line) => say(`   ${line}`));
+  say(`   leases taken: ${result.leases.join(", ")}; heartbeats stored: ${result.heartbeats}`);
+  if (result.heartbeats !== result.ticks.length) throw new Error("a tick did not commit");
+}
+
+async function worker(): Promise<void> {
+  step("worker: a batch of queued jobs, each in its own transaction (@Transactional)");
+  jobs.configure({
+    dataSource: new DataSource({
+      type: "sqlite",
+      database: ":memory:",
+      entities: [Job, LedgerEntry],
+      synchronize: true,
+    }),
+  });
+  await JobWorker.enqueue([10, 20, 30, 40, 50], (i) => i === 2);
+  const taken = await runWorkers(2);
+  const results = await jobs.withSession((s) => s.getRepository(Job).find({ order: { id: "ASC" } }));
+  say(`   jobs taken per worker: ${taken.join(", ")}`);
+  say(`   ${results.map((j) => `#${j.id} ${j.status}${j.error === null ? "" : ` (${j.error})`}`).join(", ")}`);
+  say(`   ${summary(jobs)}`);
+  await jobs.drain({ destroy: true });
 }
 
 await main();

@@ -53,11 +53,16 @@ export class Lease<H extends object> {
     this.release(holder);
   }
 
-  /** Stop the waits of `holder`: they reject with `error`. */
-  cancel(holder: H, error: unknown): void {
+  /**
+   * Stop the waits of `holder`: they reject with the error `reason` makes (made
+   * only when someone waits: most calls find nobody).
+   */
+  cancel(holder: H, reason: () => unknown): void {
+    if (this.#queue.length === 0) return;
     const cancelled = this.#queue.filter((w) => w.holder === holder);
     if (cancelled.length === 0) return;
     this.#queue = this.#queue.filter((w) => w.holder !== holder);
+    const error = reason();
     for (const w of cancelled) w.refuse(error);
   }
 }

@@ -420,7 +420,7 @@ export class Session {
     // Inside the cleanup, the session is its own scope: TypeORM subscribers that run
     // during the final COMMIT or ROLLBACK may use it, and see it as current.
     this.#closer = { scope: { registry: this.registry, session: this, ended: false }, parent: storage.getStore() };
-    this.#host.lease?.cancel(this, this.#closedError());
+    this.#host.lease?.cancel(this, () => this.#closedError());
     this.#wake();
   }
 
@@ -497,6 +497,7 @@ export class Session {
 
   /** @internal Run callbacks in order, reporting failures through `error`. */
   async _runCallbacks(callbacks: readonly SessionCallback[]): Promise<void> {
+    if (callbacks.length === 0) return;
     for (const callback of callbacks) {
       try {
         await callback();

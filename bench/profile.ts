@@ -1,0 +1,71 @@
+/**
+ * Profile ours' hot path on the empty-block scenario (SQLite, no statement: pure overhead).
+ *
+ *   node --cpu-prof --cpu-prof-dir=/tmp/tss-prof build/bench/profile.js [blocks] [oursBlock|oursDecorator|floor]
+ *   node build/bench/profile.js --summarize /tmp/tss-prof/<file>.cpuprofile [top]
+ *
+ * The second form prints the functions with the most self time and their share of the profile.
+ */
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { makeOps, openBackend, type ImplId } from "./backends.js";
+
+interface ProfileNode {
+  readonly id: number;
+  readonly callFrame: { readonly functionName: string; readonly url: string; readonly lineNumber: number };
+}
+interface CpuProfile {
+  readonly nodes: readonly ProfileNode[];
+  readonly samples: readonly number[];
+  readonly timeDeltas: readonly number[];
+}
+
+function summarize(file: string, top: number): void {
+  const profile = JSON.parse(readFileSync(file, "utf8")) as CpuProfile;
+  const byId = new Map(profile.nodes.map((n) => [n.id, n]));
+  const self = new Map<string, number>();
+  let total = 0;
+  profile.samples.forEach((id, i) => {
+    const node = byId.get(id);
+    const dt = profile.timeDeltas[i] ?? 0;
+    if (node === undefined) return;
+    const { functionName, url, lineNumber } = node.callFrame;
+    const where =
+      url === ""
+        ? ""
+        : ` ${url.replace(/^file:\/\//, "").replace(/^.*\/(node_modules|build)\//, "$1/")}:${lineNumber + 1}`;
+    const name = `${functionName || "(anonymous)"}${where}`;
+    self.set(name, (self.get(name) ?? 0) + dt);
+    total += dt;
+  });
+  const rows = [...self.entries()].sort((a, b) => b[1] - a[1]).slice(0, top);
+  console.log(`total sampled: ${(total / 1000).toFixed(0)} ms`);
+  for (const [name, us] of rows) console.log(`${((100 * us) / total).toFixed(1).padStart(5)}%  ${name}`);
+}
+
+async function profile(blocks: number, impl: ImplId): Promise<void> {
+  const dir = mkdtempSync(join(tmpdir(), "tss-bench-prof-"));
+  const backend = await openBackend("sqlite", join(dir, "bench.db"), { tt: false, seed: true });
+  try {
+    const op = makeOps(backend)[impl].empty;
+    if (op === undefined) throw new Error(`${impl} has no empty block`);
+    const started = performance.now();
+    for (let i = 0; i < blocks; i++) await op();
+    const us = ((performance.now() - started) * 1000) / blocks;
+    console.log(`${impl}: ${blocks} empty blocks, ${us.toFixed(2)} µs each`);
+  } finally {
+    await backend.dispose();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+const args = process.argv.slice(2);
+const run =
+  args[0] === "--summarize"
+    ? Promise.resolve(summarize(args[1] ?? "", Number(args[2] ?? 25)))
+    : profile(Number(args[0] ?? 300_000), (args[1] ?? "oursBlock") as ImplId);
+run.catch((error: unknown) => {
+  console.error(error);
+  process.exitCode = 1;
+});

@@ -9,7 +9,6 @@
  */
 import "reflect-metadata";
 import { Column, Entity, PrimaryGeneratedColumn } from "typeorm";
-import { DataSource } from "typeorm";
 import {
   configureSessions,
   currentSession,
@@ -178,14 +177,7 @@ async function ticks(): Promise<void> {
 
 async function worker(): Promise<void> {
   step("worker: a batch of queued jobs, each in its own transaction (@Transactional)");
-  jobs.configure({
-    dataSource: new DataSource({
-      type: "sqlite",
-      database: ":memory:",
-      entities: [Job, LedgerEntry],
-      synchronize: true,
-    }),
-  });
+  jobs.configure({ url: "sqlite::memory:", entities: [Job, LedgerEntry], synchronize: true });
   await JobWorker.enqueue([10, 20, 30, 40, 50], (i) => i === 2);
   const taken = await runWorkers(2);
   const results = await jobs.withSession((s) => s.getRepository(Job).find({ order: { id: "ASC" } }));

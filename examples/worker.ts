@@ -8,7 +8,7 @@
  */
 import "reflect-metadata";
 import { pathToFileURL } from "node:url";
-import { Column, DataSource, Entity, PrimaryGeneratedColumn } from "typeorm";
+import { Column, Entity, PrimaryGeneratedColumn } from "typeorm";
 import { createSessionRegistry, currentSession, Transactional, UsesSession } from "typeorm-scoped-session";
 
 @Entity("jobs")
@@ -114,13 +114,7 @@ export async function runWorkers(workers: number): Promise<number[]> {
 }
 
 async function main(): Promise<void> {
-  const dataSource = new DataSource({
-    type: "sqlite",
-    database: ":memory:",
-    entities: [Job, LedgerEntry],
-    synchronize: true,
-  });
-  jobs.configure({ dataSource });
+  jobs.configure({ url: "sqlite::memory:", entities: [Job, LedgerEntry], synchronize: true });
   const stop = new AbortController();
   process.once("SIGTERM", () => {
     stop.abort();

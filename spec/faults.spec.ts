@@ -284,7 +284,8 @@ forEachBackend("faults and load", (backend: Backend) => {
           await s.query("SELECT 1");
         }),
       );
-      expect(String(error)).to.match(/terminat|Connection terminated|closed/i);
+      // TypeORM 0.3 passes on the driver's error; TypeORM 1.x has released the dead runner by then.
+      expect(String(error)).to.match(/terminat|Connection terminated|closed|released/i);
       // Every connection the pool hands out now works: the dead one is gone.
       await Promise.all(Array.from({ length: 5 }, () => reg.withSession((s) => s.query("SELECT 1"))));
       expect(connectionsInUse(reg.dataSource!)).to.equal(0);

@@ -490,11 +490,6 @@ export class Session {
     return lease !== undefined && this.#levels.length > 0 && lease.holder !== this;
   }
 
-  /** @internal Why the session was force-closed, if it was. */
-  _killedBy(): Error | undefined {
-    return this.#killed;
-  }
-
   /** @internal Run callbacks in order, reporting failures through `error`. */
   async _runCallbacks(callbacks: readonly SessionCallback[]): Promise<void> {
     if (callbacks.length === 0) return;

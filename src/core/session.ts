@@ -133,8 +133,11 @@ export class Session {
   readonly #running = new Set<Promise<void>>();
   /** Why the session was force-closed (it timed out, or the registry was drained). */
   #killed: Error | undefined;
-  /** Statements sent and not answered yet (pooled drivers), for cancelling on a timeout. */
-  #inFlight = 0;
+  /**
+   * Statements sent and not answered yet (pooled drivers): cancelled on a timeout, and
+   * waited for before the closing ROLLBACK, which a connection takes only after them.
+   */
+  readonly #inFlight = new Set<Promise<unknown>>();
   /** Blocks waiting on this session that must settle at once if it is force-closed. */
   #guards: Set<(error: unknown, closed: Promise<void>) => void> | undefined;
 
@@ -445,7 +448,7 @@ export class Session {
     if (this.#state === CLOSED) return;
     this.#killed ??= reason;
     const killing = (async () => {
-      if (this.#inFlight > 0 && this.#host.family === "postgres") await this.#cancelStatement();
+      if (this.#inFlight.size > 0 && this.#host.family === "postgres") await this.#cancelStatement();
       await this._runCallbacks(await this._close());
     })();
     // The blocks settle with this reason once the session is closed, whatever the
@@ -507,9 +510,12 @@ export class Session {
   async #closeOnce(): Promise<SessionCallback[]> {
     this._markClosing();
     const callbacks: SessionCallback[] = [];
+    let handedBack: Promise<void> | undefined;
     await this.#asCloser(async () => {
-      // A BEGIN or SAVEPOINT in flight finishes first, so that it is undone below.
+      // A BEGIN or SAVEPOINT in flight finishes first, so that it is undone below; so do
+      // statements in flight (cancelled first on a timeout), ahead of the ROLLBACK.
       while (this.#starting !== undefined) await this.#starting;
+      while (this.#inFlight.size > 0) await Promise.allSettled(this.#inFlight);
       while (this.#levels.length > 0 && this.#broken === undefined) {
         const top = this.#levels.at(-1)!;
         top.forced = true;
@@ -525,9 +531,10 @@ export class Session {
             this.#host.reportError(this, error);
           }
         };
-        // The pool has not handed the connection over yet: give it back as soon as it does
-        // (releasing before would leave the connection checked out for good).
-        if (this.#connected instanceof Promise) void this.#connected.then(release, () => undefined);
+        // The pool has not handed the connection over yet (a timeout or a drain while
+        // waiting for it): give it back as soon as it does, without holding the block up;
+        // releasing before would leave it checked out for good.
+        if (this.#connected instanceof Promise) handedBack = this.#connected.then(release, () => undefined);
         else await release();
       }
     });
@@ -536,7 +543,10 @@ export class Session {
     this.#state = CLOSED;
     this.#abort?.abort(this.#closedError());
     this.#wake();
-    this.#host.closed(this, performance.now() - this.#openedAt);
+    // The registry counts the session as open until its connection is back in the pool.
+    const closed = (): void => this.#host.closed(this, performance.now() - this.#openedAt);
+    if (handedBack === undefined) closed();
+    else void handedBack.then(closed);
     return callbacks;
   }
 
@@ -793,11 +803,12 @@ export class Session {
     const lease = this.#host.lease;
     if (lease === undefined) {
       await this.#gatePooled(frame);
-      this.#inFlight += 1;
+      const running = runQuery(real, sql, parameters, structured);
+      this.#inFlight.add(running);
       try {
-        return await runQuery(real, sql, parameters, structured);
+        return await running;
       } finally {
-        this.#inFlight -= 1;
+        this.#inFlight.delete(running);
       }
     }
     // Each pass waits for something (a turn, the lease) and checks again: whatever

@@ -1,4 +1,5 @@
 import { expect } from "chai";
+import sinon from "sinon";
 import { PropagationError, type SessionRegistry } from "../src/index.js";
 import { Note } from "./support/entities.js";
 import { TempSqlite } from "./support/sqlite.js";
@@ -151,6 +152,40 @@ describe("SQLite: one shared connection", () => {
       expect(w.status === "rejected" && w.reason).to.be.instanceOf(Planned);
       expect(count).to.deep.equal({ status: "fulfilled", value: 0 });
     });
+  });
+
+  it("statements outside transactions share the connection: concurrent readers are sent together, a writer waits for them", async () => {
+    const reg = db.registry();
+    await reg.withSession((s) => s.getRepository(Note).insert({ body: "committed", block: 0 }));
+    const shared = reg.dataSource!.driver.createQueryRunner("master") as unknown as {
+      query: (...args: unknown[]) => Promise<unknown>;
+    };
+    const query = shared.query;
+    let unanswered = 0;
+    let most = 0;
+    sinon.replace(shared, "query", async function (this: typeof shared, ...args: unknown[]) {
+      most = Math.max(most, (unanswered += 1));
+      try {
+        return await query.apply(this, args);
+      } finally {
+        unanswered -= 1;
+      }
+    });
+    try {
+      const readers = Array.from({ length: 8 }, () => reg.withSession((s) => s.getRepository(Note).count()));
+      const writer = reg.withTransaction(async (s) => {
+        await s.getRepository(Note).insert({ body: "uncommitted", block: 1 });
+        await turns(5);
+        throw new Planned("undo");
+      });
+      const later = reg.withSession((s) => s.getRepository(Note).count());
+      expect(await Promise.all(readers)).to.deep.equal(Array.from({ length: 8 }, () => 1));
+      expect(await rejectionOf(writer)).to.be.instanceOf(Planned);
+      expect(await later, "a reader asked after the writer waits for it").to.equal(1);
+      expect(most, "readers sent side by side").to.equal(8);
+    } finally {
+      sinon.restore();
+    }
   });
 
   it("waiters are served first come, first served", async () => {

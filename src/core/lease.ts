@@ -2,51 +2,67 @@
  * A fair (FIFO) lease on one shared resource, such as the single connection that
  * TypeORM's SQLite drivers hand to every caller.
  *
- * The holder may take it again while it holds it (a count), so that the statements
- * of one session and its transaction nest without waiting on themselves.
+ * It is held either by one holder alone (a transaction: nobody else's statement may
+ * run inside it) or, for single statements outside any transaction, by any number of
+ * holders at once, so that such statements pipeline on the connection. The holder
+ * alone may take it again while it holds it (a count), so that the statements of one
+ * session and its transaction nest without waiting on themselves. Nobody overtakes a
+ * waiter: while one waits, later holds queue behind it.
  */
 export class Lease<H extends object> {
   #holder: H | undefined;
   #count = 0;
-  #queue: { holder: H; grant: () => void; refuse: (error: unknown) => void }[] = [];
+  /** Statement holds taken alongside others, while nobody holds the lease alone. */
+  #shared = 0;
+  #queue: { holder: H; shared: boolean; grant: () => void; refuse: (error: unknown) => void }[] = [];
 
-  /** The current holder, if any. */
+  /** The holder that holds the lease alone, if any. */
   get holder(): H | undefined {
     return this.#holder;
   }
 
   /**
-   * Take the lease for `holder`. Returns `undefined` when granted at once (the
-   * common case, kept synchronous), else a promise that resolves when granted, or
-   * rejects if the wait is {@link cancel}led.
+   * Take the lease for `holder`: alone, or with `shared` alongside other statement
+   * holds (a holder that already holds it alone takes it again instead). Returns
+   * `undefined` when granted at once (the common case, kept synchronous), else a
+   * promise that resolves when granted, or rejects if the wait is {@link cancel}led.
    */
-  acquire(holder: H): Promise<void> | undefined {
-    if (this.#holder === undefined || this.#holder === holder) {
-      this.#holder = holder;
+  acquire(holder: H, shared = false): Promise<void> | undefined {
+    if (this.#holder === holder) {
       this.#count += 1;
       return undefined;
     }
+    if (this.#holder === undefined && this.#queue.length === 0) {
+      if (shared) {
+        this.#shared += 1;
+        return undefined;
+      }
+      if (this.#shared === 0) {
+        this.#holder = holder;
+        this.#count = 1;
+        return undefined;
+      }
+    }
     return new Promise<void>((grant, refuse) => {
-      this.#queue.push({ holder, grant, refuse });
+      this.#queue.push({ holder, shared, grant, refuse });
     });
   }
 
-  /** Give one hold back; the last one hands the lease to the next waiter. */
+  /** Give one hold back (the holder's own, or a statement hold); the last one lets the next waiters in. */
   release(holder: H): void {
-    if (this.#holder !== holder) return;
-    this.#count -= 1;
-    if (this.#count > 0) return;
-    const next = this.#queue[0];
-    this.#holder = next?.holder;
-    if (next === undefined) return;
-    // Hand over to the first waiter together with all its other waiting holds.
-    const granted = this.#queue.filter((w) => w.holder === next.holder);
-    this.#queue = this.#queue.filter((w) => w.holder !== next.holder);
-    this.#count = granted.length;
-    for (const w of granted) w.grant();
+    if (this.#holder === holder) {
+      this.#count -= 1;
+      if (this.#count > 0) return;
+      this.#holder = undefined;
+    } else {
+      if (this.#shared === 0) return;
+      this.#shared -= 1;
+      if (this.#shared > 0) return;
+    }
+    this.#grantNext();
   }
 
-  /** Drop every hold of `holder` at once (a session that is being closed). */
+  /** Drop every hold of the holder that holds the lease alone (a session that is being closed). */
   releaseAll(holder: H): void {
     if (this.#holder !== holder) return;
     this.#count = 1;
@@ -64,5 +80,26 @@ export class Lease<H extends object> {
     this.#queue = this.#queue.filter((w) => w.holder !== holder);
     const error = reason();
     for (const w of cancelled) w.refuse(error);
+    this.#grantNext();
+  }
+
+  /** Let in, in order, the waiters that may hold the lease now. */
+  #grantNext(): void {
+    while (this.#holder === undefined && this.#queue.length > 0) {
+      const next = this.#queue[0]!;
+      if (next.shared) {
+        this.#queue.shift();
+        this.#shared += 1;
+        next.grant();
+        continue;
+      }
+      if (this.#shared > 0) return;
+      // Alone, together with all the holder's other waiting holds.
+      const granted = this.#queue.filter((w) => w.holder === next.holder);
+      this.#queue = this.#queue.filter((w) => w.holder !== next.holder);
+      this.#holder = next.holder;
+      this.#count = granted.length;
+      for (const w of granted) w.grant();
+    }
   }
 }

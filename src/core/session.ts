@@ -760,7 +760,7 @@ export class Session {
    * held by its own enclosing scope would wait forever: that is a
    * {@link PropagationError}.
    */
-  #acquire(lease: Lease<Session>): Promise<void> | undefined {
+  #acquire(lease: Lease<Session>, shared = false): Promise<void> | undefined {
     const holder = lease.holder;
     if (holder !== undefined && holder !== this && holder._holdsTransactionOn(lease)) {
       for (const f of lineage(storage.getStore())) {
@@ -773,7 +773,7 @@ export class Session {
         }
       }
     }
-    const waiting = lease.acquire(this);
+    const waiting = lease.acquire(this, shared);
     if (waiting === undefined) {
       this.#leased();
       return undefined;
@@ -812,18 +812,23 @@ export class Session {
       }
     }
     // Each pass waits for something (a turn, the lease) and checks again: whatever
-    // changed meanwhile, the statement runs only when it may.
+    // changed meanwhile, the statement runs only when it may. Outside a transaction it
+    // shares the lease with other such statements, which pipeline on the connection.
     for (;;) {
       this.#assertUsable(frame);
       if (!this.#mayRun(frame)) {
         await this.#turn(frame);
         continue;
       }
-      const waiting = this.#acquire(lease);
+      const shared = this.#levels.length === 0;
+      const waiting = this.#acquire(lease, shared);
       if (waiting !== undefined) await waiting;
-      if (this._usableFrom(frame) && this.#mayRun(frame)) break;
+      if (this._usableFrom(frame) && this.#mayRun(frame) && (!shared || this.#levels.length === 0)) break;
       lease.release(this);
     }
+    // Subscribers of the driver's own events (BeforeQuery...) see the manager of the
+    // session whose statement it is.
+    Object.assign(real, { manager: this.#manager });
     try {
       return await runQuery(real, sql, parameters, structured);
     } finally {

@@ -1,7 +1,7 @@
 /**
- * Profile ours' hot path on the empty-block scenario (SQLite, no statement: pure overhead).
+ * Profile ours' hot path on SQLite: the empty block (no statement: pure overhead) or the one-read block.
  *
- *   node --cpu-prof --cpu-prof-dir=/tmp/tss-prof build/bench/profile.js [blocks] [oursBlock|oursDecorator|floor]
+ *   node --cpu-prof --cpu-prof-dir=/tmp/tss-prof build/bench/profile.js [blocks] [oursBlock|oursDecorator|floor] [empty|read]
  *   node build/bench/profile.js --summarize /tmp/tss-prof/<file>.cpuprofile [top]
  *
  * The second form prints the functions with the most self time and their share of the profile.
@@ -44,16 +44,16 @@ function summarize(file: string, top: number): void {
   for (const [name, us] of rows) console.log(`${((100 * us) / total).toFixed(1).padStart(5)}%  ${name}`);
 }
 
-async function profile(blocks: number, impl: ImplId): Promise<void> {
+async function profile(blocks: number, impl: ImplId, scenario: "empty" | "read"): Promise<void> {
   const dir = mkdtempSync(join(tmpdir(), "tss-bench-prof-"));
   const backend = await openBackend("sqlite", join(dir, "bench.db"), { tt: false, seed: true });
   try {
-    const op = makeOps(backend)[impl].empty;
-    if (op === undefined) throw new Error(`${impl} has no empty block`);
+    const op = makeOps(backend)[impl][scenario];
+    if (op === undefined) throw new Error(`${impl} has no ${scenario} block`);
     const started = performance.now();
     for (let i = 0; i < blocks; i++) await op();
     const us = ((performance.now() - started) * 1000) / blocks;
-    console.log(`${impl}: ${blocks} empty blocks, ${us.toFixed(2)} µs each`);
+    console.log(`${impl}: ${blocks} ${scenario} blocks, ${us.toFixed(2)} µs each`);
   } finally {
     await backend.dispose();
     rmSync(dir, { recursive: true, force: true });
@@ -64,7 +64,7 @@ const args = process.argv.slice(2);
 const run =
   args[0] === "--summarize"
     ? Promise.resolve(summarize(args[1] ?? "", Number(args[2] ?? 25)))
-    : profile(Number(args[0] ?? 300_000), (args[1] ?? "oursBlock") as ImplId);
+    : profile(Number(args[0] ?? 300_000), (args[1] ?? "oursBlock") as ImplId, args[2] === "read" ? "read" : "empty");
 run.catch((error: unknown) => {
   console.error(error);
   process.exitCode = 1;

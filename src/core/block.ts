@@ -109,20 +109,25 @@ async function settle<T>(
     value = session === undefined ? await body() : await session._guard(body());
   } catch (error) {
     clearTimeout(timer);
-    await finish(scope, pending);
+    const finishing = finish(scope, pending);
+    if (finishing !== undefined) await finishing;
     throw error;
   }
   clearTimeout(timer);
-  await finish(scope, pending);
+  const finishing = finish(scope, pending);
+  if (finishing !== undefined) await finishing;
   return value;
 }
 
-async function finish(scope: Scope, pending: SessionCallback[]): Promise<void> {
+/** Remove the scope's session and run the callbacks left to run; `undefined` when that took nothing to wait for. */
+function finish(scope: Scope, pending: SessionCallback[]): Promise<void> | undefined {
   scope.ended = true;
   const session = scope.session;
-  if (session === undefined) return;
-  pending.push(...(await session._close()));
-  await session._runCallbacks(pending);
+  if (session === undefined || (pending.length === 0 && session._closeIdle())) return undefined;
+  return (async () => {
+    pending.push(...(await session._close()));
+    await session._runCallbacks(pending);
+  })();
 }
 
 /**

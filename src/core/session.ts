@@ -82,7 +82,15 @@ const OPEN = 0;
 const CLOSING = 1;
 const CLOSED = 2;
 
+const NOTHING_ROLLED_BACK: Promise<SessionCallback[]> = Promise.resolve([]);
+
 let lastId = 0;
+
+/** On a session's runner view and EntityManager: the session they belong to. */
+const OWNER = Symbol("typeorm-scoped-session.owner");
+
+/** A session's view of the driver's QueryRunner. */
+type RunnerView = QueryRunner & { [OWNER]: Session };
 
 /**
  * One unit of work's database session: one TypeORM `QueryRunner` (one pooled
@@ -428,6 +436,28 @@ export class Session {
   }
 
   /**
+   * @internal Close at once, without a promise, a session that never took its
+   * runner and has nothing under way (the body never touched the database): the
+   * common case of {@link _close}, kept cheap. False when there is more to do.
+   */
+  _closeIdle(): boolean {
+    if (
+      this.#state !== OPEN ||
+      this.#real !== undefined ||
+      this.#levels.length > 0 ||
+      this.#waiters.length > 0 ||
+      this.#running.size > 0
+    ) {
+      return false;
+    }
+    this.#state = CLOSED;
+    this.#closing = NOTHING_ROLLED_BACK;
+    this.#abort?.abort(this.#closedError());
+    this.#host.closed(this, performance.now() - this.#openedAt);
+    return true;
+  }
+
+  /**
    * @internal Close the session: roll back what is open, release the connection,
    * abort the signal. Idempotent. Resolves to the `afterRollback` callbacks of what
    * was rolled back.
@@ -613,92 +643,88 @@ export class Session {
     }
   }
 
+  /**
+   * The entry points of a session's runner view, shared by every view: each finds
+   * its session through {@link OWNER}. Everything TypeORM does with the view is
+   * gated, counted and scoped; reads fall through to the driver's runner; nothing of
+   * TypeORM is patched.
+   */
+  static readonly #viewMethods: PropertyDescriptorMap = {
+    query: {
+      value(this: RunnerView, sql: string, parameters?: unknown[], structured?: boolean) {
+        return this[OWNER].#statement(sql, parameters, structured === true);
+      },
+    },
+    stream: {
+      async value(this: RunnerView, ...args: Parameters<QueryRunner["stream"]>) {
+        const session = this[OWNER];
+        if (session.#host.lease === undefined) await session.#gatePooled(storage.getStore());
+        return session.#real!.stream(...args);
+      },
+    },
+    connect: {
+      async value(this: RunnerView) {
+        const session = this[OWNER];
+        session.#assertUsable(storage.getStore());
+        await session.#connect();
+        return session.#real!.connect();
+      },
+    },
+    release: { value: () => Promise.resolve() },
+    startTransaction: {
+      value(this: RunnerView, isolation?: IsolationLevel) {
+        return this[OWNER].#viewBegin(isolation);
+      },
+    },
+    commitTransaction: {
+      value(this: RunnerView) {
+        return this[OWNER].#viewEnd(true);
+      },
+    },
+    rollbackTransaction: {
+      value(this: RunnerView) {
+        return this[OWNER].#viewEnd(false);
+      },
+    },
+    isTransactionActive: {
+      get(this: RunnerView) {
+        const session = this[OWNER];
+        return session.#visibleLevels() > 0 && session.#mayRun(storage.getStore());
+      },
+    },
+    isReleased: { get: () => false },
+  };
+
+  /** Per shared runner (SQLite's one connection): the prototype of its sessions' views, made once. */
+  static readonly #sharedViews = new WeakMap<QueryRunner, object>();
+
   #createRunner(): QueryRunner {
     const real = this.#host.dataSource.driver.createQueryRunner("master");
-    // A view of the driver's runner whose entry points go through this session, so
-    // that everything TypeORM does with it is gated, counted and scoped. Reads fall
-    // through to the driver's runner; nothing of TypeORM is patched.
-    const runner = Object.create(real, {
-      query: {
-        value: (sql: string, parameters?: unknown[], structured?: boolean) =>
-          this.#statement(sql, parameters, structured === true),
-      },
-      stream: {
-        value: async (...args: Parameters<QueryRunner["stream"]>) => {
-          if (this.#host.lease === undefined) await this.#gatePooled(storage.getStore());
-          return real.stream(...args);
-        },
-      },
-      connect: {
-        value: async () => {
-          this.#assertUsable(storage.getStore());
-          await this.#connect();
-          return real.connect();
-        },
-      },
-      release: { value: () => Promise.resolve() },
-      startTransaction: { value: (isolation?: IsolationLevel) => this.#viewBegin(isolation) },
-      commitTransaction: { value: () => this.#viewEnd(true) },
-      rollbackTransaction: { value: () => this.#viewEnd(false) },
-      isTransactionActive: {
-        get: () => this.#visibleLevels() > 0 && this.#mayRun(storage.getStore()),
-      },
-      isReleased: { get: () => false },
-    }) as QueryRunner;
+    // A view of the driver's runner (see #viewMethods). The views of the one shared
+    // runner of SQLite share one prototype, so that they all have one shape.
+    let runner: RunnerView;
+    if (this.#host.lease === undefined) {
+      runner = Object.create(real, Session.#viewMethods) as RunnerView;
+    } else {
+      let view = Session.#sharedViews.get(real);
+      if (view === undefined) {
+        view = Object.create(real, Session.#viewMethods) as object;
+        Session.#sharedViews.set(real, view);
+      }
+      runner = Object.create(view) as RunnerView;
+    }
+    runner[OWNER] = this;
     // Entity events (beforeInsert, afterLoad...) are broadcast through the runner: give them this
     // session's runner and manager, not whichever session used the shared SQLite runner last.
-    Object.defineProperty(runner, "broadcaster", {
-      value: Object.create(real.broadcaster, { queryRunner: { value: runner } }),
-    });
+    const broadcaster = Object.create(real.broadcaster) as { queryRunner: QueryRunner };
+    broadcaster.queryRunner = runner;
+    (runner as { broadcaster: unknown }).broadcaster = broadcaster;
     this.#real = real;
     this.#runner = runner;
-    this.#manager = this.#sessionManager(runner);
+    this.#manager = new (sessionManagerClass(this.#host.dataSource))(this.#host.dataSource, runner, this);
     // Subscribers of the driver's own events (BeforeQuery, AfterTransactionCommit...) see our manager.
     if (this.#host.lease === undefined) Object.assign(real, { manager: this.#manager });
     return real;
-  }
-
-  /**
-   * The session's EntityManager. Its `transaction()` is a transactional block on
-   * this session (the one core path: a savepoint when nested, a turn of its own when
-   * concurrent), and the methods that may begin an implicit transaction (`save`,
-   * `remove`, `softRemove`, `recover`) each run in a frame of their own, so that
-   * concurrent calls do not share one.
-   */
-  #sessionManager(runner: QueryRunner): EntityManager {
-    const manager = this.#host.dataSource.createEntityManager(runner);
-    const transaction = <T>(
-      isolationOrFn: IsolationLevel | ((m: EntityManager) => Promise<T>),
-      fn?: (m: EntityManager) => Promise<T>,
-    ): Promise<T> => {
-      const body = typeof isolationOrFn === "function" ? isolationOrFn : fn;
-      if (typeof body !== "function") {
-        return Promise.reject(new TypeError(`Expected a transaction callback function, got ${describe(body)}`));
-      }
-      const here = storage.getStore();
-      return joinSession(
-        this,
-        scopeOf(here, this),
-        here,
-        (s) => body(s.manager),
-        resolveOptions(
-          { isolation: typeof isolationOrFn === "string" ? isolationOrFn : undefined },
-          "EntityManager.transaction",
-          true,
-        ),
-      );
-    };
-    Object.defineProperty(manager, "transaction", { value: transaction });
-    for (const method of ["save", "remove", "softRemove", "recover"] as const) {
-      const original = Reflect.get(manager, method) as (...args: unknown[]) => Promise<unknown>;
-      Object.defineProperty(manager, method, {
-        value: (...args: unknown[]) => {
-          const here = storage.getStore();
-          return storage.run({ scope: scopeOf(here, this), parent: here }, () => original.apply(manager, args));
-        },
-      });
-    }
-    return manager;
   }
 
   /**
@@ -1141,4 +1167,80 @@ function assertCallback(callback: unknown, method: string): void {
       `Expected the ${method}() callback to be a function, got \`${String(callback)}\` (${typeof callback})`,
     );
   }
+}
+
+type SessionManagerClass = new (dataSource: DataSource, runner: QueryRunner, session: Session) => EntityManager;
+
+/** Per DataSource: the class of its sessions' EntityManagers, made once. */
+const managerClasses = new WeakMap<DataSource, SessionManagerClass>();
+
+/**
+ * The class of a session's EntityManager, a subclass of the DataSource's own. Its
+ * `transaction()` is a transactional block on the session (the one core path: a
+ * savepoint when nested, a turn of its own when concurrent), and the methods that may
+ * begin an implicit transaction (`save`, `remove`, `softRemove`, `recover`) each run
+ * in a frame of their own, so that concurrent calls do not share one.
+ */
+function sessionManagerClass(dataSource: DataSource): SessionManagerClass {
+  let made = managerClasses.get(dataSource);
+  if (made !== undefined) return made;
+  const Base = dataSource.manager.constructor as new (dataSource: DataSource, runner: QueryRunner) => EntityManager;
+  type Method = (...args: unknown[]) => Promise<unknown>;
+  /** Run TypeORM's own `method` in a frame of its own. */
+  const inOwnFrame = (manager: EntityManager, session: Session, method: Method, args: unknown[]): Promise<unknown> => {
+    const here = storage.getStore();
+    return storage.run({ scope: scopeOf(here, session), parent: here }, () => method.apply(manager, args));
+  };
+  const { save, remove, softRemove, recover } = Base.prototype as unknown as Record<string, Method>;
+  class SessionManager extends Base {
+    readonly [OWNER]: Session;
+    constructor(dataSource: DataSource, runner: QueryRunner, session: Session) {
+      super(dataSource, runner);
+      this[OWNER] = session;
+    }
+  }
+  function transaction<T>(
+    this: SessionManager,
+    isolationOrFn: IsolationLevel | ((m: EntityManager) => Promise<T>),
+    fn?: (m: EntityManager) => Promise<T>,
+  ): Promise<T> {
+    const body = typeof isolationOrFn === "function" ? isolationOrFn : fn;
+    if (typeof body !== "function") {
+      return Promise.reject(new TypeError(`Expected a transaction callback function, got ${describe(body)}`));
+    }
+    const session = this[OWNER];
+    const here = storage.getStore();
+    return joinSession(
+      session,
+      scopeOf(here, session),
+      here,
+      (s) => body(s.manager),
+      resolveOptions(
+        { isolation: typeof isolationOrFn === "string" ? isolationOrFn : undefined },
+        "EntityManager.transaction",
+        true,
+      ),
+    );
+  }
+  const methods: Record<string, unknown> = {
+    transaction,
+    save(this: SessionManager, ...args: unknown[]) {
+      return inOwnFrame(this, this[OWNER], save!, args);
+    },
+    remove(this: SessionManager, ...args: unknown[]) {
+      return inOwnFrame(this, this[OWNER], remove!, args);
+    },
+    softRemove(this: SessionManager, ...args: unknown[]) {
+      return inOwnFrame(this, this[OWNER], softRemove!, args);
+    },
+    recover(this: SessionManager, ...args: unknown[]) {
+      return inOwnFrame(this, this[OWNER], recover!, args);
+    },
+  };
+  for (const [name, value] of Object.entries(methods)) {
+    Object.defineProperty(SessionManager.prototype, name, { value, writable: true, configurable: true });
+  }
+  made = SessionManager;
+  managerClasses.set(dataSource, made);
+  return made;
 }

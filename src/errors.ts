@@ -1,7 +1,8 @@
 /**
- * Every error this library throws on its own account extends {@link SessionError}
- * and carries a stable `code`. Errors from the database or from your code pass
- * through unchanged.
+ * The errors this library raises about sessions, scopes, registries and
+ * transactions extend {@link SessionError} and carry a stable `code`; invalid
+ * arguments are `TypeError` or `RangeError` naming the argument and the value
+ * received. Errors from the database or from your code pass through unchanged.
  *
  * @module
  */
@@ -18,12 +19,18 @@ export type SessionErrorCode =
   | "ERR_NO_TRANSACTION";
 
 /**
- * Base class of the errors raised by typeorm-scoped-session.
+ * Base class of the errors raised by typeorm-scoped-session. Test a caught error
+ * with `instanceof` (this class or a subclass) or compare its stable `code`;
+ * never parse the message.
  *
  * @example
  * ```ts
- * try { await withSession(work) } catch (e) {
- *   if (e instanceof SessionError) log.warn(e.code, e.message);
+ * try {
+ *   await withTransaction(settle, { timeoutMs: 5_000 });
+ * } catch (e) {
+ *   if (e instanceof SessionTimeoutError) return res.status(503).end();
+ *   if (e instanceof SessionError && e.code === "ERR_PROPAGATION") log.error(e.message);
+ *   throw e;
  * }
  * ```
  */
@@ -31,6 +38,7 @@ export abstract class SessionError extends Error {
   /** Stable code: compare against it rather than against the message. */
   abstract readonly code: SessionErrorCode;
 
+  /** @hidden */
   constructor(message: string, options?: ErrorOptions) {
     super(message, options);
     this.name = new.target.name;
@@ -46,6 +54,7 @@ export class NoActiveSessionError extends SessionError {
   /** Name of the registry that was asked. */
   readonly registryName: string;
 
+  /** @hidden */
   constructor(registryName: string, what = "currentSession()") {
     super(
       `${what} was called outside a session scope of registry "${registryName}". ` +
@@ -66,6 +75,7 @@ export class SessionClosedError extends SessionError {
   /** Label of the closed session, e.g. `session #12 (InvoiceJob.run)`. */
   readonly session: string;
 
+  /** @hidden */
   constructor(session: string, detail?: string) {
     super(
       `${session} is closed${detail ? ` (${detail})` : ""}: it accepts no new work once its block ` +
@@ -76,12 +86,16 @@ export class SessionClosedError extends SessionError {
   }
 }
 
-/** A block ran longer than its `timeoutMs`. */
+/**
+ * A block ran longer than its `timeoutMs`. The block rejects with it once its
+ * session is closed: the transaction rolled back, the connection released.
+ */
 export class SessionTimeoutError extends SessionError {
   readonly code = "ERR_SESSION_TIMEOUT";
   /** The limit that was exceeded, in milliseconds. */
   readonly timeoutMs: number;
 
+  /** @hidden */
   constructor(session: string, timeoutMs: number, detail?: string) {
     super(
       `${session} exceeded its timeoutMs of ${timeoutMs} ms${detail ? ` ${detail}` : ""}; its ` +
@@ -92,12 +106,17 @@ export class SessionTimeoutError extends SessionError {
   }
 }
 
-/** The registry has no data source yet. */
+/**
+ * The registry has no data source yet: give it one with {@link configureSessions},
+ * {@link SessionRegistry.configure}, or the `dataSource`/`url` option of
+ * {@link createSessionRegistry}.
+ */
 export class RegistryNotConfiguredError extends SessionError {
   readonly code = "ERR_REGISTRY_NOT_CONFIGURED";
   /** Name of the registry that has no data source. */
   readonly registryName: string;
 
+  /** @hidden */
   constructor(registryName: string) {
     super(
       `Registry "${registryName}" has no data source. Call configureSessions({ dataSource }) ` +
@@ -107,7 +126,10 @@ export class RegistryNotConfiguredError extends SessionError {
   }
 }
 
-/** `configure()` was called while sessions of the registry are open. */
+/**
+ * {@link SessionRegistry.configure} (or {@link configureSessions}) was called while
+ * sessions of the registry are open.
+ */
 export class RegistryBusyError extends SessionError {
   readonly code = "ERR_REGISTRY_BUSY";
   /** Name of the registry that was asked to reconfigure. */
@@ -115,6 +137,7 @@ export class RegistryBusyError extends SessionError {
   /** How many sessions were open. */
   readonly active: number;
 
+  /** @hidden */
   constructor(registryName: string, active: number) {
     super(
       `Registry "${registryName}" cannot be reconfigured while ${active} session(s) are open. ` +
@@ -125,12 +148,16 @@ export class RegistryBusyError extends SessionError {
   }
 }
 
-/** The registry is draining or drained and refuses new sessions. */
+/**
+ * The registry is draining or drained ({@link SessionRegistry.drain}) and refuses
+ * new sessions; {@link SessionRegistry.configure} opens it again.
+ */
 export class RegistryClosedError extends SessionError {
   readonly code = "ERR_REGISTRY_CLOSED";
   /** Name of the draining or drained registry. */
   readonly registryName: string;
 
+  /** @hidden */
   constructor(registryName: string) {
     super(
       `Registry "${registryName}" is draining or closed and opens no new sessions. ` +
@@ -142,18 +169,24 @@ export class RegistryClosedError extends SessionError {
 
 /**
  * A block's propagation cannot be honoured: `durable` inside a transaction,
- * `isolation`/`readOnly` on a block that joins one, a second session on a
- * single-connection driver while the scope holds its transaction, or an inner
- * block with `savepoint: false` that failed while the outer block went on.
+ * `isolation`/`readOnly` on a block that joins one, a second session
+ * (`requiresNew`, `detached()`) on a single-connection driver while the scope
+ * holds its transaction, or an inner block with `savepoint: false` that failed
+ * while the outer block went on.
  */
 export class PropagationError extends SessionError {
   readonly code = "ERR_PROPAGATION";
 }
 
-/** `commit()` or `rollback()` was called on a session with no open transaction. */
+/**
+ * {@link Session.commit} or {@link Session.rollback} was called with no open
+ * transaction of the caller (none at all, or one that another block of the
+ * session still runs).
+ */
 export class TransactionNotActiveError extends SessionError {
   readonly code = "ERR_NO_TRANSACTION";
 
+  /** @hidden */
   constructor(session: string, action: string) {
     super(
       `${session}: ${action}() was called but no transaction of this caller is open (none at all, or one ` +

@@ -1,6 +1,9 @@
 import { SessionRegistry } from "./registry.js";
 
-/** Transaction isolation levels, as TypeORM names them. */
+/**
+ * Transaction isolation levels, as TypeORM names them; the {@link SessionOptions.isolation}
+ * option and the argument of {@link Session.begin}.
+ */
 export type IsolationLevel = "READ UNCOMMITTED" | "READ COMMITTED" | "REPEATABLE READ" | "SERIALIZABLE";
 
 /**
@@ -8,13 +11,33 @@ export type IsolationLevel = "READ UNCOMMITTED" | "READ COMMITTED" | "REPEATABLE
  *
  * - `"required"`: join the scope's session (creating it if the scope has none yet);
  *   outside any scope, open a new one.
- * - `"requiresNew"`: open a separate session on its own connection.
+ * - `"requiresNew"`: open a separate session on its own connection. On a
+ *   single-connection driver (SQLite) it rejects with {@link PropagationError}
+ *   while the scope holds an open transaction.
  * - `"mandatory"`: join the scope's session; outside any scope reject with
  *   {@link NoActiveSessionError}.
+ *
+ * @example
+ * ```ts
+ * // its own connection and transaction: kept even if the caller's transaction rolls back
+ * await withTransaction((s) => s.getRepository(AuditEntry).insert(entry), { propagation: "requiresNew" });
+ * ```
  */
 export type Propagation = "required" | "requiresNew" | "mandatory";
 
-/** Options of {@link withSession}, {@link withTransaction} and the decorators. */
+/**
+ * Options of {@link withSession}, {@link withTransaction}, the registry's blocks,
+ * the decorators and {@link typeorm-scoped-session/cron!sessionTask}. Every option is
+ * checked: an unknown key or a wrong value is refused with `TypeError`/`RangeError`
+ * naming the option and the value received (as a rejection by the blocks; thrown at
+ * once by the decorators and `sessionTask`).
+ *
+ * @example
+ * ```ts
+ * const settle: SessionOptions = { transaction: true, isolation: "SERIALIZABLE", retry: 3, timeoutMs: 5_000 };
+ * await withSession((s) => settleInvoices(s), { ...settle, name: "settleInvoices" });
+ * ```
+ */
 export interface SessionOptions {
   /**
    * The registry to use.
@@ -39,15 +62,18 @@ export interface SessionOptions {
   propagation?: Propagation;
   /**
    * A transactional block nested in an open transaction uses a SAVEPOINT, so its
-   * failure undoes only its own work. `false`: join the enclosing transaction; an
-   * inner failure then dooms it.
+   * failure undoes only its own work. `false`: join the enclosing transaction (or
+   * savepoint); an inner failure then marks it rollback-only, so the outermost
+   * block rolls back and rejects (with {@link PropagationError} naming the inner
+   * block if the outer body caught the inner error) instead of committing.
    * @default true
    */
   savepoint?: boolean;
   /**
    * A read-only transaction where the database supports it: PostgreSQL
    * (`SET TRANSACTION READ ONLY`) and SQLite (`PRAGMA query_only` for the
-   * transaction). Implies `transaction: true`.
+   * transaction). Implies `transaction: true`. Rejected with {@link PropagationError}
+   * on a block nested in a read-write transaction.
    * @default false
    */
   readOnly?: boolean;
@@ -82,12 +108,20 @@ export interface SessionOptions {
   retry?: number | RetryOptions;
   /**
    * Label for errors, events and leak reports.
-   * @default the function's or method's name
+   * @default the function's name; `Class.method` for a decorated method
    */
   name?: string;
 }
 
-/** The object form of {@link SessionOptions.retry}. */
+/**
+ * The object form of {@link SessionOptions.retry}.
+ *
+ * @example
+ * ```ts
+ * const retry: RetryOptions = { retries: 5, baseDelayMs: 20, maxDelayMs: 500 };
+ * await withTransaction(transfer, { isolation: "SERIALIZABLE", retry });
+ * ```
+ */
 export interface RetryOptions {
   /** Extra attempts after the first. */
   retries: number;
@@ -98,11 +132,12 @@ export interface RetryOptions {
   baseDelayMs?: number;
   /**
    * Cap on the delay between attempts.
-   * @default 1000
+   * @default 1000 (or `baseDelayMs`, if that is larger)
    */
   maxDelayMs?: number;
   /**
    * Decides which errors are retried, in place of {@link isRetryableError}.
+   * @default isRetryableError
    */
   retryOn?: (error: unknown) => boolean;
 }
@@ -288,6 +323,7 @@ function resolveRetry(retry: unknown): ResolvedRetry | undefined {
  * `QueryFailedError` at the driver's error.
  *
  * @param error - anything thrown
+ * @returns `true` for those errors (also when wrapped as `driverError` or `cause`), else `false`
  * @example
  * ```ts
  * await withTransaction(work, { retry: { retries: 3, retryOn: (e) => isRetryableError(e) || e instanceof MyConflict } });

@@ -73,16 +73,38 @@ export interface UrlRegistryOptions extends CommonRegistryOptions {
   [option: string]: unknown;
 }
 
-/** Options of {@link createSessionRegistry}, {@link configureSessions} and {@link SessionRegistry.configure}. */
+/**
+ * Options of {@link createSessionRegistry}, {@link configureSessions} and
+ * {@link SessionRegistry.configure}: a `dataSource` (or a function making one), or a
+ * `url` plus DataSource options, or neither (configure the data source later), with
+ * the options every registry takes.
+ *
+ * @example
+ * ```ts
+ * const options: SessionRegistryOptions = { dataSource: () => AppDataSource, name: "main", leakDetectionMs: 30_000 };
+ * ```
+ */
 export type SessionRegistryOptions = DataSourceRegistryOptions | UrlRegistryOptions | CommonRegistryOptions;
 
-/** Payload of every registry event. */
+/**
+ * Payload of every registry event: the one argument a {@link SessionListener} gets.
+ *
+ * @example
+ * ```ts
+ * db.on("leak", ({ session, name, durationMs, stack }) => {
+ *   log.warn(`session #${session.id} (${name}) open for over ${durationMs} ms, opened at\n${stack}`);
+ * });
+ * ```
+ */
 export interface SessionEvent {
   /** The session concerned; use `session.id` to correlate events. */
   readonly session: Session;
   /** The session's label (its `name` option or method name). */
   readonly name: string | undefined;
-  /** On `commit`, `rollback` and `close`: how long the transaction or session lasted. */
+  /**
+   * On `commit`, `rollback` and `close`: how long the transaction or session lasted; on
+   * `timeout`: how long the block ran; on `leak`: the `leakDetectionMs` it exceeded.
+   */
   readonly durationMs?: number;
   /** On `error` (and on a `rollback` caused by a failed COMMIT): what went wrong. */
   readonly error?: unknown;
@@ -96,11 +118,16 @@ export interface SessionEvent {
   readonly leakReported?: boolean;
 }
 
-/** Names of registry events. */
+/**
+ * Names of registry events: `open` (a session was created), `connect` (it took a
+ * connection), `begin`, `commit`, `rollback` (of a transaction or savepoint), `close`,
+ * `timeout` (a block ran past its `timeoutMs`), `leak` (a session stayed open longer
+ * than `leakDetectionMs`) and `error` (a failure that could not be thrown to anyone).
+ */
 export type SessionEventName =
   "open" | "connect" | "begin" | "commit" | "rollback" | "close" | "timeout" | "leak" | "error";
 
-/** A listener of registry events. */
+/** A listener of registry events, added with {@link SessionRegistry.on}. */
 export type SessionListener = (event: SessionEvent) => void;
 
 /** Counters of a registry, from {@link SessionRegistry.stats}. */
@@ -211,7 +238,17 @@ export class SessionRegistry {
   /** @internal The scope of useTransactionalTests(), which code outside every block joins. */
   _testScope: Scope | undefined;
 
-  /** Use {@link createSessionRegistry}. */
+  /**
+   * Create a registry; {@link createSessionRegistry} does the same and reads better.
+   *
+   * @param options - `dataSource` (or a function returning one), or `url` plus DataSource options;
+   *   `name`, `leakDetectionMs`; without a data source, call {@link configure} before first use
+   * @throws TypeError/RangeError on invalid options
+   * @example
+   * ```ts
+   * const analytics = new SessionRegistry({ url: "postgres://app@localhost/analytics", name: "analytics" });
+   * ```
+   */
   constructor(options: SessionRegistryOptions = {}) {
     if (typeof options !== "object" || options === null) {
       throw new TypeError(`Expected registry options to be an object, got ${describe(options)}`);
@@ -231,12 +268,18 @@ export class SessionRegistry {
 
   /**
    * Late binding: give the registry its data source (or a new one). Like an
-   * application factory that creates the engine after import.
+   * application factory that creates the engine after import. The DataSource is
+   * initialized on first use, not here. Also opens a registry closed by
+   * {@link drain} again. {@link configureSessions} does this for {@link defaultRegistry}.
    *
+   * @param options - `dataSource` (or a function returning one), or `url` plus DataSource options;
+   *   `leakDetectionMs`. `name` is fixed when the registry is created and is not changed here
+   * @throws TypeError/RangeError on invalid options; with `url`, TypeORM's error when the driver
+   *   package is not installed
    * @throws {@link RegistryBusyError} while sessions of this registry are open
    * @example
    * ```ts
-   * configureSessions({ dataSource: () => createDataSource(config) });
+   * db.configure({ dataSource: () => createDataSource(loadConfig()) });
    * ```
    */
   configure(options: SessionRegistryOptions): void {
@@ -252,8 +295,16 @@ export class SessionRegistry {
   }
 
   /**
-   * Run `fn` with a session of this registry. See {@link withSession}.
+   * Run `fn` with a session of this registry: {@link withSession} bound to this
+   * registry (unless `options.registry` names another one).
    *
+   * @param fn - the body; receives the session
+   * @param options - see {@link SessionOptions}
+   * @returns what `fn` returns, once the session it opened (if any) is removed
+   * @throws TypeError/RangeError (as a rejection) when `fn` is not a function or on invalid options
+   * @throws {@link PropagationError}, {@link NoActiveSessionError}, {@link SessionClosedError},
+   *   {@link SessionTimeoutError}, {@link RegistryNotConfiguredError}, {@link RegistryClosedError}
+   *   (as rejections) as {@link withSession} does
    * @example
    * ```ts
    * const user = await db.withSession((s) => s.getRepository(User).findOneBy({ id }));
@@ -264,8 +315,17 @@ export class SessionRegistry {
   }
 
   /**
-   * Run `fn` in a transaction of this registry. See {@link withTransaction}.
+   * Run `fn` in a transaction of this registry: {@link withTransaction} bound to this
+   * registry (unless `options.registry` names another one).
    *
+   * @param fn - the body; receives the session
+   * @param options - see {@link SessionOptions}
+   * @returns what `fn` returns, after the COMMIT and the `afterCommit` callbacks
+   * @throws TypeError/RangeError (as a rejection) when `fn` is not a function or on invalid options
+   * @throws {@link PropagationError} (as a rejection) for `durable`, `isolation` or `readOnly` inside an
+   *   open transaction
+   * @throws {@link NoActiveSessionError}, {@link SessionClosedError}, {@link SessionTimeoutError},
+   *   {@link RegistryNotConfiguredError}, {@link RegistryClosedError} (as rejections) as {@link withSession} does
    * @example
    * ```ts
    * await db.withTransaction(async (s) => { await s.getRepository(Order).save(order) });
@@ -277,12 +337,18 @@ export class SessionRegistry {
 
   /**
    * Run `fn` in a new scope whose session is created on first use of
-   * {@link current} (or the proxies) and removed when `fn` settles.
+   * {@link current} (or the proxies, or a joining block) and removed when `fn`
+   * settles: a scope that never touches the database takes no connection. The
+   * middleware opens one per request with it.
    *
-   * @returns `fn`'s result
+   * @param fn - the scope's body; takes no arguments (code inside finds the session with {@link current})
+   * @returns `fn`'s result, as a promise that settles after the scope's session (if any) is removed
+   * @throws TypeError (as a rejection) when `fn` is not a function
+   * @throws {@link RegistryNotConfiguredError} (as a rejection) while the registry has no data source
    * @example
    * ```ts
-   * await db.scope(async () => { await handleRequest(); }); // no query, no connection
+   * // one unit of work per job: a connection is taken only if handle() queries
+   * for await (const job of queue) await db.scope(() => handle(job));
    * ```
    */
   scope<T>(fn: () => T | Promise<T>): Promise<T> {
@@ -293,8 +359,10 @@ export class SessionRegistry {
    * The session of the current scope, created on first call inside a
    * {@link scope}. Throws synchronously.
    *
+   * @returns the session of the innermost scope of this registry
    * @throws {@link NoActiveSessionError} outside any scope of this registry
    * @throws {@link SessionClosedError} when the scope's block has ended or is committing
+   * @throws {@link RegistryClosedError} when it has to create the scope's session while the registry drains
    * @example
    * ```ts
    * async function audit(msg: string) { await db.current().query("INSERT INTO audit(msg) VALUES (?)", [msg]); }
@@ -312,9 +380,18 @@ export class SessionRegistry {
 
   /**
    * The session of the current scope if there is one, else `undefined`. Never
-   * creates one.
+   * creates one. Throws synchronously.
    *
+   * @returns the session of the innermost scope of this registry, or `undefined` outside any
+   *   scope (or inside a {@link scope} whose session has not been created yet)
    * @throws {@link SessionClosedError} when the scope's session is closing or closed
+   * @example
+   * ```ts
+   * // after the caller's transaction commits (at once outside one), or now without a session
+   * const s = db.tryCurrent();
+   * if (s !== undefined) s.afterCommit(() => cache.delete(key));
+   * else cache.delete(key);
+   * ```
    */
   tryCurrent(): Session | undefined {
     const frame = storage.getStore();
@@ -332,7 +409,18 @@ export class SessionRegistry {
   /**
    * Close the current scope's session now: roll back an open transaction,
    * release the connection, forget it (the next {@link current} creates a new
-   * one). Idempotent; does nothing outside a scope.
+   * one). Idempotent; does nothing outside a scope. A failed ROLLBACK or
+   * `afterRollback` callback is reported through the `error` event, not thrown.
+   *
+   * @returns a promise that resolves once the session is closed and its `afterRollback` callbacks have run
+   * @example
+   * ```ts
+   * await db.scope(async () => {
+   *   await importBatch(first);
+   *   await db.remove(); // uncommitted work rolled back, connection released
+   *   await importBatch(second); // on a new session
+   * });
+   * ```
    */
   async remove(): Promise<void> {
     const frame = storage.getStore();
@@ -347,7 +435,13 @@ export class SessionRegistry {
   /**
    * An `EntityManager` that resolves, call by call, to the current scope's
    * session. Getting it never fails; calling it outside a scope rejects with
-   * {@link NoActiveSessionError}.
+   * {@link NoActiveSessionError} (its synchronous methods, such as `create` and
+   * `createQueryBuilder`, and property reads throw it).
+   *
+   * @example
+   * ```ts
+   * await db.withTransaction(() => db.manager.increment(Counter, { id: 1 }, "n", 1));
+   * ```
    */
   get manager(): EntityManager {
     return (this.#manager ??= scopedProxy(this, EntityManager.prototype, (s) => s.manager, MANAGER_SYNC));
@@ -355,9 +449,18 @@ export class SessionRegistry {
 
   /**
    * A repository that resolves, call by call, to the current scope's session: a
-   * module-level `const users = db.getRepository(User)` is safe to share.
+   * module-level `const users = db.getRepository(User)` is safe to share. Getting it
+   * never fails; calling it outside a scope rejects with {@link NoActiveSessionError}
+   * (its synchronous methods, such as `create` and `createQueryBuilder`, and property
+   * reads throw it).
    *
    * @param target - the entity class, schema or name
+   * @returns the scoped repository (the same object on every call with the same `target`)
+   * @example
+   * ```ts
+   * const users = db.getRepository(User);
+   * export const findUser = (id: number) => users.findOneBy({ id }); // runs on the caller's session
+   * ```
    */
   getRepository<E extends ObjectLiteral>(target: EntityTarget<E>): Repository<E> {
     let repository = this.#repositories.get(target);
@@ -370,10 +473,18 @@ export class SessionRegistry {
 
   /**
    * Listen to an event: `open`, `connect` (a connection was actually taken),
-   * `begin`, `commit`, `rollback`, `close`, `error` (a failure that could not be
-   * thrown to anyone, such as a failed rollback or an `afterCommit` callback that
-   * threw). Without an `error` listener such failures become process warnings.
+   * `begin`, `commit`, `rollback`, `close`, `timeout`, `leak`, `error` (a failure
+   * that could not be thrown to anyone, such as a failed rollback or an
+   * `afterCommit` callback that threw). Without an `error` listener such failures
+   * become process warnings. Listeners run synchronously, in the order they were
+   * added; one that throws is reported through `error` (a throwing `error`
+   * listener, as a process warning).
    *
+   * @param event - the event name, see {@link SessionEventName}
+   * @param listener - called with a {@link SessionEvent}
+   * @returns this registry, for chaining
+   * @throws RangeError when `event` is not an event name
+   * @throws TypeError when `listener` is not a function
    * @example
    * ```ts
    * db.on("commit", ({ session, durationMs }) => log.debug(`#${session.id} committed in ${durationMs} ms`));
@@ -390,7 +501,20 @@ export class SessionRegistry {
     return this;
   }
 
-  /** Remove a listener added with {@link on}. */
+  /**
+   * Remove a listener added with {@link on}. Does nothing when it is not listening.
+   *
+   * @param event - the event name it was added for
+   * @param listener - the same function that was passed to {@link on}
+   * @returns this registry, for chaining
+   * @example
+   * ```ts
+   * const onLeak: SessionListener = ({ stack }) => log.warn(stack);
+   * db.on("leak", onLeak);
+   * // ...
+   * db.off("leak", onLeak);
+   * ```
+   */
   off(event: SessionEventName, listener: SessionListener): this {
     const list = this.#listeners.get(event);
     if (list !== undefined)
@@ -401,7 +525,15 @@ export class SessionRegistry {
     return this;
   }
 
-  /** Counters since the registry was created. */
+  /**
+   * Counters since the registry was created: a snapshot, not updated afterwards.
+   *
+   * @returns `{ active, peak, opened, closed, commits, rollbacks, timeouts, leaks }`, see {@link SessionStats}
+   * @example
+   * ```ts
+   * setInterval(() => metrics.gauge("db.sessions.active", db.stats().active), 10_000).unref();
+   * ```
+   */
   stats(): SessionStats {
     return {
       active: this.#active,
@@ -422,8 +554,11 @@ export class SessionRegistry {
    *
    * @param fn - the body; receives the new session
    * @param options - block options; `propagation` does not apply
+   * @returns what `fn` returns, once the new session is removed
+   * @throws TypeError/RangeError (as a rejection) when `fn` is not a function or on invalid options
    * @throws {@link PropagationError} (as a rejection) on SQLite when the caller's scope holds an open transaction
    * @throws {@link RegistryClosedError} (as a rejection) while the registry drains
+   * @throws {@link SessionTimeoutError}, {@link RegistryNotConfiguredError} (as rejections) as {@link withSession} does
    * @example
    * ```ts
    * app.post("/reports", async (req, res) => {
@@ -445,6 +580,7 @@ export class SessionRegistry {
    *
    * @param options - `timeoutMs` (default: wait as long as it takes), `destroy` (default false)
    * @returns how many sessions ended by themselves (`waited`) and how many were forced
+   * @throws TypeError/RangeError (as a rejection) on invalid options
    * @example
    * ```ts
    * process.once("SIGTERM", async () => {
@@ -788,8 +924,10 @@ function scopedProxy<T extends object>(
 /**
  * Create a registry. Several registries (several databases) live side by side.
  *
- * @param options - `dataSource` (or a function returning one), or `url` plus DataSource options; `name`
- * @throws TypeError/RangeError on invalid options
+ * @param options - `dataSource` (or a function returning one), or `url` plus DataSource options;
+ *   `name`, `leakDetectionMs`; without a data source, call {@link SessionRegistry.configure} before first use
+ * @throws TypeError/RangeError on invalid options; with `url`, TypeORM's error when the driver
+ *   package (`pg`, `sqlite3`, `better-sqlite3`) is not installed
  * @example
  * ```ts
  * export const db = createSessionRegistry({ url: "postgres://app@localhost/app", entities: [User], name: "main" });
@@ -804,7 +942,11 @@ export const defaultRegistry: SessionRegistry = new SessionRegistry({ name: "def
 
 /**
  * Configure {@link defaultRegistry}: give it a DataSource (or a function making one) or a URL.
+ * The same as `defaultRegistry.configure(options)`.
  *
+ * @param options - `dataSource` (or a function returning one), or `url` plus DataSource options;
+ *   `leakDetectionMs`
+ * @throws TypeError/RangeError on invalid options
  * @throws {@link RegistryBusyError} while its sessions are open
  * @example
  * ```ts

@@ -10,6 +10,7 @@ const injected = new WeakMap<object, Map<string | symbol, number>>();
  * {@link UsesSession} or {@link Transactional}. A caller that passes a session
  * explicitly wins.
  *
+ * @returns a parameter decorator (legacy decorators only)
  * @throws TypeError when applied to anything but a method parameter
  * @example
  * ```ts

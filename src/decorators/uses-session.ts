@@ -49,7 +49,9 @@ const wrappers = new WeakSet<AnyMethod>();
  * stored on it. `name` defaults to `Class.method`.
  *
  * @param options - block options (see {@link SessionOptions}); validated when the decorator is applied
+ * @returns the decorator, for a method that returns a promise or for a class
  * @throws TypeError/RangeError for invalid options, or when applied to a field, accessor or parameter
+ * @throws (as a rejection of each call) the errors {@link withSession} rejects with, and the method's own
  * @example
  * ```ts
  * class NightlyReport {
@@ -69,8 +71,10 @@ export function UsesSession(options?: SessionOptions): SessionDecorator {
  * (a savepoint when nested in one) that commits when the method resolves and
  * rolls back when it throws.
  *
- * @param options - block options (see {@link SessionOptions})
+ * @param options - block options (see {@link SessionOptions}); validated when the decorator is applied
+ * @returns the decorator, for a method that returns a promise or for a class
  * @throws TypeError/RangeError for invalid options, or when applied to a field, accessor or parameter
+ * @throws (as a rejection of each call) the errors {@link withTransaction} rejects with, and the method's own
  * @example
  * ```ts
  * class Billing {

@@ -31,7 +31,8 @@ export type SessionTaskBody<T> = (session: Session, context: TaskContext) => T |
  * @param options - block options (see {@link SessionOptions}), checked now; `name`
  *   defaults to the task's name (`context.task.name`), else `fn`'s name
  * @returns a task function for `cron.schedule()` / `cron.createTask()`; its promise
- *   settles with `fn`'s result after the session is removed
+ *   settles with `fn`'s result after the session is removed, and rejects as
+ *   {@link typeorm-scoped-session!withSession} does (`fn`'s own error included)
  * @throws TypeError when `fn` is not a function, TypeError/RangeError on invalid options
  * @example
  * ```ts
@@ -147,6 +148,10 @@ export class DatabaseRunCoordinator implements RunCoordinator {
   #prepared: { dataSource: object | undefined; promise: Promise<Dialect> } | undefined;
 
   /**
+   * Create a coordinator on the database of `options.registry`. Only checks the
+   * options: the database is first touched, and the table created if missing, by
+   * the first {@link shouldRun} or {@link onComplete}.
+   *
    * @param options - `registry` (default: the default registry) and `table`
    *   (default `"scoped_session_cron_leases"`)
    * @throws TypeError on options that are not an object, an unknown option, or a
@@ -190,6 +195,10 @@ export class DatabaseRunCoordinator implements RunCoordinator {
    * @returns whether this caller runs the fire
    * @throws TypeError/RangeError (as a rejection) on an empty key or a ttl that is not a positive number
    * @throws (as a rejection) the database error when the lease could not be read or written; node-cron then skips the fire
+   * @throws Error (as a rejection) when the registry's database is neither PostgreSQL nor SQLite
+   * @throws {@link typeorm-scoped-session!RegistryNotConfiguredError},
+   *   {@link typeorm-scoped-session!RegistryClosedError} (as rejections) while the registry has no data
+   *   source, or drains
    * @example
    * ```ts
    * if (await coordinator.shouldRun("report:2025-01-01T00:00:00.000Z", 60_000)) await buildReport();
@@ -224,6 +233,9 @@ export class DatabaseRunCoordinator implements RunCoordinator {
    *
    * @param key - the key given to {@link shouldRun}
    * @throws TypeError (as a rejection) on an empty key; the database error when it could not be written
+   * @throws {@link typeorm-scoped-session!RegistryNotConfiguredError},
+   *   {@link typeorm-scoped-session!RegistryClosedError} (as rejections) while the registry has no data
+   *   source, or drains
    * @example
    * ```ts
    * await coordinator.onComplete("report:2025-01-01T00:00:00.000Z");

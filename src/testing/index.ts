@@ -40,8 +40,13 @@ type Hook = (fn: (this: unknown) => Promise<void>) => void;
  * PostgreSQL it commits for real.
  *
  * @param options - `registry` (default {@link defaultRegistry}), `runAfterCommit` (default true)
- * @returns a function that gives the current test's session
- * @throws TypeError when not called inside a mocha `describe()`, or for invalid options
+ * @returns a function that gives the current test's session (it throws `TypeError` when
+ *   called while no test runs, such as at the top of the `describe()`)
+ * @throws TypeError when mocha's `beforeEach`/`afterEach` globals are missing (not a mocha run),
+ *   or for invalid options
+ * @throws {@link typeorm-scoped-session!RegistryNotConfiguredError} (failing each test's `beforeEach`
+ *   hook) while the registry has no data source; an `Error` there too when the registry is already in
+ *   a transactional test (for example, through a call in an enclosing suite)
  * @example
  * ```ts
  * describe("signup", () => {

@@ -1,7 +1,8 @@
 /**
- * Profile ours' hot path on SQLite: the empty block (no statement: pure overhead) or the one-read block.
+ * Profile ours' hot path: the empty block (no statement: pure overhead) or the one-read block, on SQLite or
+ * on a throwaway PostgreSQL (started and stopped here).
  *
- *   node --cpu-prof --cpu-prof-dir=/tmp/tss-prof build/bench/profile.js [blocks] [oursBlock|oursDecorator|floor] [empty|read]
+ *   node --cpu-prof --cpu-prof-dir=/tmp/tss-prof build/bench/profile.js [blocks] [oursBlock|oursDecorator|floor] [empty|read] [sqlite|postgres]
  *   node build/bench/profile.js --summarize /tmp/tss-prof/<file>.cpuprofile [top]
  *
  * The second form prints the functions with the most self time and their share of the profile.
@@ -9,7 +10,8 @@
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { makeOps, openBackend, type ImplId } from "./backends.js";
+import { startPostgres } from "../spec/support/postgres.js";
+import { type BackendKind, makeOps, openBackend, type ImplId } from "./backends.js";
 
 interface ProfileNode {
   readonly id: number;
@@ -44,9 +46,11 @@ function summarize(file: string, top: number): void {
   for (const [name, us] of rows) console.log(`${((100 * us) / total).toFixed(1).padStart(5)}%  ${name}`);
 }
 
-async function profile(blocks: number, impl: ImplId, scenario: "empty" | "read"): Promise<void> {
+async function profile(blocks: number, impl: ImplId, scenario: "empty" | "read", kind: BackendKind): Promise<void> {
   const dir = mkdtempSync(join(tmpdir(), "tss-bench-prof-"));
-  const backend = await openBackend("sqlite", join(dir, "bench.db"), { tt: false, seed: true });
+  const pg = kind === "postgres" ? await startPostgres() : undefined;
+  if (kind === "postgres" && pg === undefined) throw new Error("no PostgreSQL server binaries here");
+  const backend = await openBackend(kind, pg?.url ?? join(dir, "bench.db"), { tt: false, seed: true });
   try {
     const op = makeOps(backend)[impl][scenario];
     if (op === undefined) throw new Error(`${impl} has no ${scenario} block`);
@@ -56,6 +60,7 @@ async function profile(blocks: number, impl: ImplId, scenario: "empty" | "read")
     console.log(`${impl}: ${blocks} ${scenario} blocks, ${us.toFixed(2)} µs each`);
   } finally {
     await backend.dispose();
+    await pg?.stop();
     rmSync(dir, { recursive: true, force: true });
   }
 }
@@ -64,7 +69,12 @@ const args = process.argv.slice(2);
 const run =
   args[0] === "--summarize"
     ? Promise.resolve(summarize(args[1] ?? "", Number(args[2] ?? 25)))
-    : profile(Number(args[0] ?? 300_000), (args[1] ?? "oursBlock") as ImplId, args[2] === "read" ? "read" : "empty");
+    : profile(
+        Number(args[0] ?? 300_000),
+        (args[1] ?? "oursBlock") as ImplId,
+        args[2] === "read" ? "read" : "empty",
+        args[3] === "postgres" ? "postgres" : "sqlite",
+      );
 run.catch((error: unknown) => {
   console.error(error);
   process.exitCode = 1;

@@ -698,27 +698,48 @@ export class Session {
   /** Per shared runner (SQLite's one connection): the prototype of its sessions' views, made once. */
   static readonly #sharedViews = new WeakMap<QueryRunner, object>();
 
+  /**
+   * A pooled driver's runner is the session's own: its view is a proxy that answers
+   * with {@link #viewMethods} and the session's broadcaster and reads (and writes)
+   * everything else on the runner, which keeps the runner an ordinary object. (Making
+   * it the prototype of a view would turn it into a slow, one-of-a-kind shape for all
+   * of TypeORM's code that runs on it.)
+   */
+  static readonly #pooledView: ProxyHandler<QueryRunner & { [OWNER]: Session }> = {
+    get(real, key, view) {
+      if (key === "broadcaster") return real[OWNER].#broadcaster;
+      const own = Session.#viewEntries.get(key);
+      if (own === undefined) return Reflect.get(real, key, view) as unknown;
+      return own.get === undefined ? own.value : own.get.call(view);
+    },
+  };
+
+  static readonly #viewEntries = new Map<PropertyKey, PropertyDescriptor>(Object.entries(this.#viewMethods));
+
+  /** The broadcaster of entity events for this session's runner view. */
+  #broadcaster: unknown;
+
   #createRunner(): QueryRunner {
-    const real = this.#host.dataSource.driver.createQueryRunner("master");
-    // A view of the driver's runner (see #viewMethods). The views of the one shared
-    // runner of SQLite share one prototype, so that they all have one shape.
+    const real = this.#host.dataSource.driver.createQueryRunner("master") as QueryRunner & { [OWNER]: Session };
     let runner: RunnerView;
     if (this.#host.lease === undefined) {
-      runner = Object.create(real, Session.#viewMethods) as RunnerView;
+      real[OWNER] = this;
+      runner = new Proxy(real, Session.#pooledView);
     } else {
+      // The views of SQLite's one shared runner share one prototype, so that they all have one shape.
       let view = Session.#sharedViews.get(real);
       if (view === undefined) {
         view = Object.create(real, Session.#viewMethods) as object;
         Session.#sharedViews.set(real, view);
       }
       runner = Object.create(view) as RunnerView;
+      runner[OWNER] = this;
     }
-    runner[OWNER] = this;
     // Entity events (beforeInsert, afterLoad...) are broadcast through the runner: give them this
     // session's runner and manager, not whichever session used the shared SQLite runner last.
-    const broadcaster = Object.create(real.broadcaster) as { queryRunner: QueryRunner };
-    broadcaster.queryRunner = runner;
-    (runner as { broadcaster: unknown }).broadcaster = broadcaster;
+    const Broadcaster = real.broadcaster.constructor as new (runner: QueryRunner) => unknown;
+    this.#broadcaster = new Broadcaster(runner);
+    if (this.#host.lease !== undefined) (runner as { broadcaster: unknown }).broadcaster = this.#broadcaster;
     this.#real = real;
     this.#runner = runner;
     this.#manager = new (sessionManagerClass(this.#host.dataSource))(this.#host.dataSource, runner, this);

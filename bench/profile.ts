@@ -1,8 +1,8 @@
 /**
- * Profile ours' hot path: the empty block (no statement: pure overhead) or the one-read block, on SQLite or
+ * Profile ours' hot path on one scenario (default: the empty block, no statement: pure overhead), on SQLite or
  * on a throwaway PostgreSQL (started and stopped here).
  *
- *   node --cpu-prof --cpu-prof-dir=/tmp/tss-prof build/bench/profile.js [blocks] [oursBlock|oursDecorator|floor] [empty|read] [sqlite|postgres]
+ *   node --cpu-prof --cpu-prof-dir=/tmp/tss-prof build/bench/profile.js [blocks] [oursBlock|oursDecorator|floor] [empty|read|tx2|nested|emptyTx] [sqlite|postgres]
  *   node build/bench/profile.js --summarize /tmp/tss-prof/<file>.cpuprofile [top]
  *
  * The second form prints the functions with the most self time and their share of the profile.
@@ -11,7 +11,7 @@ import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { startPostgres } from "../spec/support/postgres.js";
-import { type BackendKind, makeOps, openBackend, type ImplId } from "./backends.js";
+import { type BackendKind, makeOps, openBackend, type ImplId, type ScenarioId } from "./backends.js";
 
 interface ProfileNode {
   readonly id: number;
@@ -46,7 +46,7 @@ function summarize(file: string, top: number): void {
   for (const [name, us] of rows) console.log(`${((100 * us) / total).toFixed(1).padStart(5)}%  ${name}`);
 }
 
-async function profile(blocks: number, impl: ImplId, scenario: "empty" | "read", kind: BackendKind): Promise<void> {
+async function profile(blocks: number, impl: ImplId, scenario: ScenarioId, kind: BackendKind): Promise<void> {
   const dir = mkdtempSync(join(tmpdir(), "tss-bench-prof-"));
   const pg = kind === "postgres" ? await startPostgres() : undefined;
   if (kind === "postgres" && pg === undefined) throw new Error("no PostgreSQL server binaries here");
@@ -72,7 +72,7 @@ const run =
     : profile(
         Number(args[0] ?? 300_000),
         (args[1] ?? "oursBlock") as ImplId,
-        args[2] === "read" ? "read" : "empty",
+        (args[2] ?? "empty") as ScenarioId,
         args[3] === "postgres" ? "postgres" : "sqlite",
       );
 run.catch((error: unknown) => {

@@ -55,4 +55,19 @@ describe("the connection lease of single-connection drivers", () => {
     expect(await refused).to.equal("Error: b closed");
     expect(await granted).to.equal("granted");
   });
+
+  it("a holder that holds nothing gives nothing back: a late release never drops another holder's statement hold", async () => {
+    const lease = new Lease<object>();
+    expect(lease.acquire(a)).to.equal(undefined);
+    lease.releaseAll(a); // closed while its statement was still running
+    expect(lease.acquire(b, true)).to.equal(undefined);
+    const log: string[] = [];
+    void lease.acquire(c)!.then(() => log.push("c alone"));
+    lease.release(a); // a's statement ends
+    await tick();
+    expect(log).to.deep.equal([]);
+    lease.release(b);
+    await tick();
+    expect(log).to.deep.equal(["c alone"]);
+  });
 });

@@ -210,7 +210,7 @@ async function transactional<T>(
   pending: SessionCallback[],
   attempt: number | undefined,
 ): Promise<T> {
-  const handle = await session._enter(frame, { ...opts, attempt });
+  const handle = await session._enter(frame, attempt === undefined ? opts : { ...opts, attempt });
   let value: T;
   try {
     value = await fn(session);

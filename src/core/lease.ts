@@ -12,8 +12,8 @@
 export class Lease<H extends object> {
   #holder: H | undefined;
   #count = 0;
-  /** Statement holds taken alongside others, while nobody holds the lease alone. */
-  #shared = 0;
+  /** Statement holds taken alongside others, per holder, while nobody holds the lease alone. */
+  readonly #shared = new Map<H, number>();
   #queue: { holder: H; shared: boolean; grant: () => void; refuse: (error: unknown) => void }[] = [];
 
   /** The holder that holds the lease alone, if any. */
@@ -34,10 +34,10 @@ export class Lease<H extends object> {
     }
     if (this.#holder === undefined && this.#queue.length === 0) {
       if (shared) {
-        this.#shared += 1;
+        this.#shareWith(holder);
         return undefined;
       }
-      if (this.#shared === 0) {
+      if (this.#shared.size === 0) {
         this.#holder = holder;
         this.#count = 1;
         return undefined;
@@ -48,21 +48,33 @@ export class Lease<H extends object> {
     });
   }
 
-  /** Give one hold back (the holder's own, or a statement hold); the last one lets the next waiters in. */
+  /**
+   * Give one hold of `holder` back (its hold alone, or one of its statement holds);
+   * the last one lets the next waiters in. A holder that holds nothing gives nothing
+   * back (a statement that ends after its session dropped the lease).
+   */
   release(holder: H): void {
     if (this.#holder === holder) {
       this.#count -= 1;
       if (this.#count > 0) return;
       this.#holder = undefined;
     } else {
-      if (this.#shared === 0) return;
-      this.#shared -= 1;
-      if (this.#shared > 0) return;
+      const holds = this.#shared.get(holder);
+      if (holds === undefined) return;
+      if (holds > 1) {
+        this.#shared.set(holder, holds - 1);
+        return;
+      }
+      this.#shared.delete(holder);
+      if (this.#shared.size > 0) return;
     }
     this.#grantNext();
   }
 
-  /** Drop every hold of the holder that holds the lease alone (a session that is being closed). */
+  /**
+   * Drop every hold of the holder that holds the lease alone (a session that is being
+   * closed). Statement holds stay until their statements end.
+   */
   releaseAll(holder: H): void {
     if (this.#holder !== holder) return;
     this.#count = 1;
@@ -89,11 +101,11 @@ export class Lease<H extends object> {
       const next = this.#queue[0]!;
       if (next.shared) {
         this.#queue.shift();
-        this.#shared += 1;
+        this.#shareWith(next.holder);
         next.grant();
         continue;
       }
-      if (this.#shared > 0) return;
+      if (this.#shared.size > 0) return;
       // Alone, together with all the holder's other waiting holds.
       const granted = this.#queue.filter((w) => w.holder === next.holder);
       this.#queue = this.#queue.filter((w) => w.holder !== next.holder);
@@ -101,5 +113,9 @@ export class Lease<H extends object> {
       this.#count = granted.length;
       for (const w of granted) w.grant();
     }
+  }
+
+  #shareWith(holder: H): void {
+    this.#shared.set(holder, (this.#shared.get(holder) ?? 0) + 1);
   }
 }

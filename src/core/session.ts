@@ -142,8 +142,8 @@ export class Session {
   /** Why the session was force-closed (it timed out, or the registry was drained). */
   #killed: Error | undefined;
   /**
-   * Statements sent and not answered yet (pooled drivers): cancelled on a timeout, and
-   * waited for before the closing ROLLBACK, which a connection takes only after them.
+   * Statements let through and not answered yet: waited for before a COMMIT or
+   * ROLLBACK (and on PostgreSQL cancelled first on a timeout).
    */
   readonly #inFlight = new Set<Promise<unknown>>();
   /** Blocks waiting on this session that must settle at once if it is force-closed. */
@@ -545,7 +545,7 @@ export class Session {
       // A BEGIN or SAVEPOINT in flight finishes first, so that it is undone below; so do
       // statements in flight (cancelled first on a timeout), ahead of the ROLLBACK.
       while (this.#starting !== undefined) await this.#starting;
-      while (this.#inFlight.size > 0) await Promise.allSettled(this.#inFlight);
+      await this.#answered();
       while (this.#levels.length > 0 && this.#broken === undefined) {
         const top = this.#levels.at(-1)!;
         top.forced = true;
@@ -695,54 +695,56 @@ export class Session {
     isReleased: { get: () => false },
   };
 
-  /** Per shared runner (SQLite's one connection): the prototype of its sessions' views, made once. */
-  static readonly #sharedViews = new WeakMap<QueryRunner, object>();
+  static readonly #viewEntries = new Map<PropertyKey, PropertyDescriptor>(Object.entries(this.#viewMethods));
 
   /**
-   * A pooled driver's runner is the session's own: its view is a proxy that answers
-   * with {@link #viewMethods} and the session's broadcaster and reads (and writes)
-   * everything else on the runner, which keeps the runner an ordinary object. (Making
-   * it the prototype of a view would turn it into a slow, one-of-a-kind shape for all
-   * of TypeORM's code that runs on it.)
+   * The view is a proxy over the driver's runner, which stays an ordinary object: it
+   * answers with {@link #viewMethods}, its session and the session's broadcaster, and
+   * reads everything else on the runner. (A view made by inheriting from the runner
+   * would turn the runner into a prototype: a one-of-a-kind, slow shape for all of
+   * TypeORM's code that runs on it, made slower still by every write to it.) What
+   * TypeORM writes through the view goes to the runner, except on SQLite's one shared
+   * runner, where it stays with the session (`data`, for example).
    */
-  static readonly #pooledView: ProxyHandler<QueryRunner & { [OWNER]: Session }> = {
-    get(real, key, view) {
-      if (key === "broadcaster") return real[OWNER].#broadcaster;
-      const own = Session.#viewEntries.get(key);
-      if (own === undefined) return Reflect.get(real, key, view) as unknown;
-      return own.get === undefined ? own.value : own.get.call(view);
-    },
-  };
+  static readonly #ViewHandler = class ViewHandler implements ProxyHandler<QueryRunner> {
+    readonly session: Session;
+    readonly #own: Map<PropertyKey, unknown> | undefined;
+    constructor(session: Session, shared: boolean) {
+      this.session = session;
+      // Its own `data` (TypeORM's per-runner user data), as a runner of its own would have.
+      this.#own = shared ? new Map([["data", {}]]) : undefined;
+    }
 
-  static readonly #viewEntries = new Map<PropertyKey, PropertyDescriptor>(Object.entries(this.#viewMethods));
+    get(real: QueryRunner, key: PropertyKey, view: unknown): unknown {
+      if (key === OWNER) return this.session;
+      if (key === "broadcaster") return this.session.#broadcaster;
+      const entry = Session.#viewEntries.get(key);
+      if (entry !== undefined) return entry.get === undefined ? entry.value : entry.get.call(view);
+      const own = this.#own;
+      if (own !== undefined && own.has(key)) return own.get(key);
+      return Reflect.get(real, key, view);
+    }
+
+    set(real: QueryRunner, key: PropertyKey, value: unknown): boolean {
+      if (this.#own === undefined) return Reflect.set(real, key, value);
+      this.#own.set(key, value);
+      return true;
+    }
+  };
 
   /** The broadcaster of entity events for this session's runner view. */
   #broadcaster: unknown;
 
   #createRunner(): QueryRunner {
-    const real = this.#host.dataSource.driver.createQueryRunner("master") as QueryRunner & { [OWNER]: Session };
-    let runner: RunnerView;
-    if (this.#host.lease === undefined) {
-      real[OWNER] = this;
-      runner = new Proxy(real, Session.#pooledView);
-    } else {
-      // The views of SQLite's one shared runner share one prototype, so that they all have one shape.
-      let view = Session.#sharedViews.get(real);
-      if (view === undefined) {
-        view = Object.create(real, Session.#viewMethods) as object;
-        Session.#sharedViews.set(real, view);
-      }
-      runner = Object.create(view) as RunnerView;
-      runner[OWNER] = this;
-    }
+    const real = this.#host.dataSource.driver.createQueryRunner("master");
+    const runner = new Proxy(real, new Session.#ViewHandler(this, this.#host.lease !== undefined));
     // Entity events (beforeInsert, afterLoad...) are broadcast through the runner: give them this
     // session's runner and manager, not whichever session used the shared SQLite runner last.
     const Broadcaster = real.broadcaster.constructor as new (runner: QueryRunner) => unknown;
     this.#broadcaster = new Broadcaster(runner);
-    if (this.#host.lease !== undefined) (runner as { broadcaster: unknown }).broadcaster = this.#broadcaster;
     this.#real = real;
     this.#runner = runner;
-    this.#manager = new (sessionManagerClass(this.#host.dataSource))(this.#host.dataSource, runner, this);
+    this.#manager = sessionManager(this.#host.dataSource, runner, this);
     // Subscribers of the driver's own events (BeforeQuery, AfterTransactionCommit...) see our manager.
     if (this.#host.lease === undefined) Object.assign(real, { manager: this.#manager });
     return real;
@@ -850,7 +852,7 @@ export class Session {
     const lease = this.#host.lease;
     if (lease === undefined) {
       await this.#gatePooled(frame);
-      const running = runQuery(real, sql, parameters, structured);
+      const running = runQuery(real, real, sql, parameters, structured);
       this.#inFlight.add(running);
       try {
         return await running;
@@ -873,12 +875,15 @@ export class Session {
       if (this._usableFrom(frame) && this.#mayRun(frame) && (!shared || this.#levels.length === 0)) break;
       lease.release(this);
     }
-    // Subscribers of the driver's own events (BeforeQuery...) see the manager of the
-    // session whose statement it is.
-    Object.assign(real, { manager: this.#manager });
+    // The shared runner's query runs on this session's view, so that the events it
+    // broadcasts (BeforeQuery, AfterQuery) carry this session's runner and manager even
+    // while other sessions' statements run alongside.
+    const running = runQuery(real, this.#runner!, sql, parameters, structured);
+    this.#inFlight.add(running);
     try {
-      return await runQuery(real, sql, parameters, structured);
+      return await running;
     } finally {
+      this.#inFlight.delete(running);
       lease.release(this);
     }
   }
@@ -1022,8 +1027,16 @@ export class Session {
    */
   #end(level: Level, commit: boolean): Promise<LevelOutcome> {
     if (level.ending !== undefined) return level.ending.then(() => ({ callbacks: [] }));
-    level.ending = commit ? this.#commitLevel(level) : this.#rollbackLevel(level);
+    // Statements already let through reach the connection before the COMMIT or
+    // ROLLBACK, so that none runs after it, outside the transaction it belonged to.
+    const end = (): Promise<LevelOutcome> => (commit ? this.#commitLevel(level) : this.#rollbackLevel(level));
+    level.ending = this.#inFlight.size === 0 ? end() : this.#answered().then(end);
     return level.ending;
+  }
+
+  /** Wait until every statement in flight has been answered. */
+  async #answered(): Promise<void> {
+    while (this.#inFlight.size > 0) await Promise.allSettled(this.#inFlight);
   }
 
   async #commitLevel(level: Level): Promise<LevelOutcome> {
@@ -1172,14 +1185,19 @@ interface PgClient {
 
 type AnyQuery = (sql: string, parameters?: unknown[], structured?: boolean) => Promise<unknown>;
 
-/** `QueryRunner.query` has one overload per result shape; the session passes the caller's choice through. */
+/**
+ * Run the driver's `query` of `real` on `self` (the runner, or a view of it).
+ * `QueryRunner.query` has one overload per result shape; the session passes the
+ * caller's choice through.
+ */
 function runQuery(
   real: QueryRunner,
+  self: QueryRunner,
   sql: string,
   parameters: unknown[] | undefined,
   structured: boolean,
 ): Promise<unknown> {
-  return (real.query as AnyQuery).call(real, sql, parameters, structured);
+  return (real.query as AnyQuery).call(self, sql, parameters, structured);
 }
 
 function assertCallback(callback: unknown, method: string): void {
@@ -1195,6 +1213,33 @@ type SessionManagerClass = new (dataSource: DataSource, runner: QueryRunner, ses
 /** Per DataSource: the class of its sessions' EntityManagers, made once. */
 const managerClasses = new WeakMap<DataSource, SessionManagerClass>();
 
+/** Per DataSource: the methods its sessions' EntityManagers override. */
+const managerMethods = new WeakMap<DataSource, Record<string, unknown>>();
+
+/**
+ * A session's EntityManager: an instance of {@link sessionManagerClass}, or, for a
+ * DataSource whose `createEntityManager()` is customized, what that makes, given the
+ * same methods.
+ */
+function sessionManager(dataSource: DataSource, runner: QueryRunner, session: Session): EntityManager {
+  const Made = sessionManagerClass(dataSource);
+  if (!customizesManagers(dataSource)) return new Made(dataSource, runner, session);
+  const manager = dataSource.createEntityManager(runner);
+  Object.defineProperty(manager, OWNER, { value: session });
+  for (const [name, value] of Object.entries(managerMethods.get(dataSource)!)) {
+    Object.defineProperty(manager, name, { value, writable: true, configurable: true });
+  }
+  return manager;
+}
+
+/** Whether `createEntityManager` is overridden (on the instance or a subclass) rather than TypeORM's own. */
+function customizesManagers(dataSource: DataSource): boolean {
+  for (let o: object | null = dataSource; o !== null; o = Object.getPrototypeOf(o) as object | null) {
+    if (Object.hasOwn(o, "createEntityManager")) return Object.getPrototypeOf(o) !== Object.prototype;
+  }
+  return false;
+}
+
 /**
  * The class of a session's EntityManager, a subclass of the DataSource's own. Its
  * `transaction()` is a transactional block on the session (the one core path: a
@@ -1207,12 +1252,19 @@ function sessionManagerClass(dataSource: DataSource): SessionManagerClass {
   if (made !== undefined) return made;
   const Base = dataSource.manager.constructor as new (dataSource: DataSource, runner: QueryRunner) => EntityManager;
   type Method = (...args: unknown[]) => Promise<unknown>;
-  /** Run TypeORM's own `method` in a frame of its own. */
-  const inOwnFrame = (manager: EntityManager, session: Session, method: Method, args: unknown[]): Promise<unknown> => {
+  /**
+   * Run the manager's own `name` method, the one the override shadows, in a frame of
+   * its own. (A manager from a customized `createEntityManager()` carries the
+   * overrides itself, so its own method is its prototype's.)
+   */
+  const inOwnFrame = (manager: SessionManager, name: string, args: unknown[]): Promise<unknown> => {
+    const owner = (Object.hasOwn(manager, name) ? Object.getPrototypeOf(manager) : Base.prototype) as Record<
+      string,
+      Method
+    >;
     const here = storage.getStore();
-    return storage.run({ scope: scopeOf(here, session), parent: here }, () => method.apply(manager, args));
+    return storage.run({ scope: scopeOf(here, manager[OWNER]), parent: here }, () => owner[name]!.apply(manager, args));
   };
-  const { save, remove, softRemove, recover } = Base.prototype as unknown as Record<string, Method>;
   class SessionManager extends Base {
     readonly [OWNER]: Session;
     constructor(dataSource: DataSource, runner: QueryRunner, session: Session) {
@@ -1246,16 +1298,16 @@ function sessionManagerClass(dataSource: DataSource): SessionManagerClass {
   const methods: Record<string, unknown> = {
     transaction,
     save(this: SessionManager, ...args: unknown[]) {
-      return inOwnFrame(this, this[OWNER], save!, args);
+      return inOwnFrame(this, "save", args);
     },
     remove(this: SessionManager, ...args: unknown[]) {
-      return inOwnFrame(this, this[OWNER], remove!, args);
+      return inOwnFrame(this, "remove", args);
     },
     softRemove(this: SessionManager, ...args: unknown[]) {
-      return inOwnFrame(this, this[OWNER], softRemove!, args);
+      return inOwnFrame(this, "softRemove", args);
     },
     recover(this: SessionManager, ...args: unknown[]) {
-      return inOwnFrame(this, this[OWNER], recover!, args);
+      return inOwnFrame(this, "recover", args);
     },
   };
   for (const [name, value] of Object.entries(methods)) {
@@ -1263,5 +1315,6 @@ function sessionManagerClass(dataSource: DataSource): SessionManagerClass {
   }
   made = SessionManager;
   managerClasses.set(dataSource, made);
+  managerMethods.set(dataSource, methods);
   return made;
 }

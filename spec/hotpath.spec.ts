@@ -1,8 +1,6 @@
 import { expect } from "chai";
 import sinon from "sinon";
 import {
-  type AfterQueryEvent,
-  type BeforeQueryEvent,
   DataSource,
   EntityManager,
   type EntitySubscriberInterface,
@@ -33,17 +31,20 @@ function insertSql(kind: "sqlite" | "postgres"): string {
     : "INSERT INTO notes (body, block) VALUES (?, ?)";
 }
 
+/** The event of a query subscriber method (generic in TypeORM 0.3, not in 1.x). */
+type QueryEvent<M extends "beforeQuery" | "afterQuery"> = Parameters<NonNullable<EntitySubscriberInterface[M]>>[0];
+
 /** Driver query events whose SQL carries a marker, with the manager TypeORM handed to the subscriber. */
 const queryEvents: { phase: string; sql: string; manager: EntityManager | undefined }[] = [];
 
 @EventSubscriber()
 class QueryWatcher implements EntitySubscriberInterface {
-  beforeQuery(event: BeforeQueryEvent<unknown>): void {
+  beforeQuery(event: QueryEvent<"beforeQuery">): void {
     if (event.query.includes("hp-marker"))
       queryEvents.push({ phase: "before", sql: event.query, manager: event.manager });
   }
 
-  afterQuery(event: AfterQueryEvent<unknown>): void {
+  afterQuery(event: QueryEvent<"afterQuery">): void {
     if (event.query.includes("hp-marker"))
       queryEvents.push({ phase: "after", sql: event.query, manager: event.manager });
   }

@@ -1010,12 +1010,21 @@ describe("hot path: SQLite statements outside transactions share the connection 
         overlaps.push(`BEGIN sent with ${pending.length} reads unanswered`);
       }
     });
+    const sessions: Session[] = [];
     const readers = Array.from({ length: N }, (_, i) =>
-      reg.withSession((s) => s.query(`SELECT ${i} AS i, 'hp-gate' AS g, count(*) AS n FROM notes`)),
+      reg.withSession((s) => {
+        sessions.push(s);
+        return s.query(`SELECT ${i} AS i, 'hp-gate' AS g, count(*) AS n FROM notes`);
+      }),
     );
     await allGated.promise;
-    // Forcing the sessions closed waits for the statements they let through.
+    // Forcing the sessions closed (once drain's timer fires) waits for the statements they let through.
     const draining = reg.drain({ timeoutMs: 0 });
+    for (let i = 0; i < 100_000 && !sessions.every((s) => s.closed); i++) await turns(1);
+    expect(
+      sessions.every((s) => s.closed),
+      "drain() force-closes the sessions",
+    ).to.equal(true);
     const other = createSessionRegistry({ name: "other", dataSource: ds });
     const writer = other.withTransaction((s) => s.query(insertSql("sqlite"), ["after drain", 1]));
     await turns(10);

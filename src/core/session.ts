@@ -649,57 +649,57 @@ export class Session {
    * gated, counted and scoped; reads fall through to the driver's runner; nothing of
    * TypeORM is patched.
    */
-  static readonly #viewMethods: PropertyDescriptorMap = {
-    query: {
-      value(this: RunnerView, sql: string, parameters?: unknown[], structured?: boolean) {
-        return this[OWNER].#statement(sql, parameters, structured === true);
+  static readonly #viewEntries = new Map<PropertyKey, PropertyDescriptor>(
+    Object.entries({
+      query: {
+        value(this: RunnerView, sql: string, parameters?: unknown[], structured?: boolean) {
+          return this[OWNER].#statement(sql, parameters, structured === true);
+        },
       },
-    },
-    stream: {
-      async value(this: RunnerView, ...args: Parameters<QueryRunner["stream"]>) {
-        const session = this[OWNER];
-        if (session.#host.lease === undefined) await session.#gatePooled(storage.getStore());
-        return session.#real!.stream(...args);
+      stream: {
+        async value(this: RunnerView, ...args: Parameters<QueryRunner["stream"]>) {
+          const session = this[OWNER];
+          if (session.#host.lease === undefined) await session.#gatePooled(storage.getStore());
+          return session.#real!.stream(...args);
+        },
       },
-    },
-    connect: {
-      async value(this: RunnerView) {
-        const session = this[OWNER];
-        session.#assertUsable(storage.getStore());
-        await session.#connect();
-        return session.#real!.connect();
+      connect: {
+        async value(this: RunnerView) {
+          const session = this[OWNER];
+          session.#assertUsable(storage.getStore());
+          await session.#connect();
+          return session.#real!.connect();
+        },
       },
-    },
-    release: { value: () => Promise.resolve() },
-    startTransaction: {
-      value(this: RunnerView, isolation?: IsolationLevel) {
-        return this[OWNER].#viewBegin(isolation);
+      release: { value: () => Promise.resolve() },
+      startTransaction: {
+        value(this: RunnerView, isolation?: IsolationLevel) {
+          return this[OWNER].#viewBegin(isolation);
+        },
       },
-    },
-    commitTransaction: {
-      value(this: RunnerView) {
-        return this[OWNER].#viewEnd(true);
+      commitTransaction: {
+        value(this: RunnerView) {
+          return this[OWNER].#viewEnd(true);
+        },
       },
-    },
-    rollbackTransaction: {
-      value(this: RunnerView) {
-        return this[OWNER].#viewEnd(false);
+      rollbackTransaction: {
+        value(this: RunnerView) {
+          return this[OWNER].#viewEnd(false);
+        },
       },
-    },
-    isTransactionActive: {
-      get(this: RunnerView) {
-        const session = this[OWNER];
-        return session.#visibleLevels() > 0 && session.#mayRun(storage.getStore());
+      isTransactionActive: {
+        get(this: RunnerView) {
+          const session = this[OWNER];
+          return session.#visibleLevels() > 0 && session.#mayRun(storage.getStore());
+        },
       },
-    },
-    isReleased: { get: () => false },
-  };
-
-  static readonly #viewEntries = new Map<PropertyKey, PropertyDescriptor>(Object.entries(this.#viewMethods));
+      isReleased: { get: () => false },
+    } satisfies PropertyDescriptorMap),
+  );
 
   /**
    * The view is a proxy over the driver's runner, which stays an ordinary object: it
-   * answers with {@link #viewMethods}, its session and the session's broadcaster, and
+   * answers with {@link #viewEntries}, its session and the session's broadcaster, and
    * reads everything else on the runner. (A view made by inheriting from the runner
    * would turn the runner into a prototype: a one-of-a-kind, slow shape for all of
    * TypeORM's code that runs on it, made slower still by every write to it.) What
@@ -822,17 +822,13 @@ export class Session {
         }
       }
     }
+    // The first hold is the session's connect (synchronous).
     const waiting = lease.acquire(this, shared);
     if (waiting === undefined) {
-      this.#leased();
+      void this.#connect();
       return undefined;
     }
-    return waiting.then(() => this.#leased());
-  }
-
-  #leased(): void {
-    Object.assign(this.#real!, { manager: this.#manager });
-    void this.#connect(); // synchronous for a leased connection
+    return waiting.then(() => void this.#connect());
   }
 
   /** Pooled drivers: wait until work from `frame` may run on a connected session. */
@@ -954,6 +950,9 @@ export class Session {
             await waiting;
             held = true;
           }
+          // The shared runner's own transaction events (BeforeTransactionStart...) carry the
+          // manager of the session that holds it alone until its COMMIT or ROLLBACK.
+          Object.assign(real, { manager: this.#manager });
         }
       }
       // One BEGIN or SAVEPOINT at a time: a savepoint needs its transaction begun.
@@ -1210,11 +1209,17 @@ function assertCallback(callback: unknown, method: string): void {
 
 type SessionManagerClass = new (dataSource: DataSource, runner: QueryRunner, session: Session) => EntityManager;
 
-/** Per DataSource: the class of its sessions' EntityManagers, made once. */
-const managerClasses = new WeakMap<DataSource, SessionManagerClass>();
+/** How the sessions of a DataSource get their EntityManagers, worked out once per DataSource. */
+interface ManagerKit {
+  /** The subclass of the DataSource's own EntityManager class. */
+  readonly Made: SessionManagerClass;
+  /** What it overrides. */
+  readonly methods: Record<string, unknown>;
+  /** Whether `createEntityManager` is overridden (on the instance or a subclass) rather than TypeORM's own. */
+  readonly customized: boolean;
+}
 
-/** Per DataSource: the methods its sessions' EntityManagers override. */
-const managerMethods = new WeakMap<DataSource, Record<string, unknown>>();
+const managerKits = new WeakMap<DataSource, ManagerKit>();
 
 /**
  * A session's EntityManager: an instance of {@link sessionManagerClass}, or, for a
@@ -1222,17 +1227,20 @@ const managerMethods = new WeakMap<DataSource, Record<string, unknown>>();
  * same methods.
  */
 function sessionManager(dataSource: DataSource, runner: QueryRunner, session: Session): EntityManager {
-  const Made = sessionManagerClass(dataSource);
-  if (!customizesManagers(dataSource)) return new Made(dataSource, runner, session);
+  let kit = managerKits.get(dataSource);
+  if (kit === undefined) {
+    kit = { ...sessionManagerClass(dataSource), customized: customizesManagers(dataSource) };
+    managerKits.set(dataSource, kit);
+  }
+  if (!kit.customized) return new kit.Made(dataSource, runner, session);
   const manager = dataSource.createEntityManager(runner);
   Object.defineProperty(manager, OWNER, { value: session });
-  for (const [name, value] of Object.entries(managerMethods.get(dataSource)!)) {
+  for (const [name, value] of Object.entries(kit.methods)) {
     Object.defineProperty(manager, name, { value, writable: true, configurable: true });
   }
   return manager;
 }
 
-/** Whether `createEntityManager` is overridden (on the instance or a subclass) rather than TypeORM's own. */
 function customizesManagers(dataSource: DataSource): boolean {
   for (let o: object | null = dataSource; o !== null; o = Object.getPrototypeOf(o) as object | null) {
     if (Object.hasOwn(o, "createEntityManager")) return Object.getPrototypeOf(o) !== Object.prototype;
@@ -1241,15 +1249,14 @@ function customizesManagers(dataSource: DataSource): boolean {
 }
 
 /**
- * The class of a session's EntityManager, a subclass of the DataSource's own. Its
+ * The class of a session's EntityManager, a subclass of the DataSource's own, and the
+ * methods it overrides. Its
  * `transaction()` is a transactional block on the session (the one core path: a
  * savepoint when nested, a turn of its own when concurrent), and the methods that may
  * begin an implicit transaction (`save`, `remove`, `softRemove`, `recover`) each run
  * in a frame of their own, so that concurrent calls do not share one.
  */
-function sessionManagerClass(dataSource: DataSource): SessionManagerClass {
-  let made = managerClasses.get(dataSource);
-  if (made !== undefined) return made;
+function sessionManagerClass(dataSource: DataSource): Omit<ManagerKit, "customized"> {
   const Base = dataSource.manager.constructor as new (dataSource: DataSource, runner: QueryRunner) => EntityManager;
   type Method = (...args: unknown[]) => Promise<unknown>;
   /**
@@ -1313,8 +1320,5 @@ function sessionManagerClass(dataSource: DataSource): SessionManagerClass {
   for (const [name, value] of Object.entries(methods)) {
     Object.defineProperty(SessionManager.prototype, name, { value, writable: true, configurable: true });
   }
-  made = SessionManager;
-  managerClasses.set(dataSource, made);
-  managerMethods.set(dataSource, methods);
-  return made;
+  return { Made: SessionManager, methods };
 }

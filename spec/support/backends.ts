@@ -1,5 +1,6 @@
 import { DataSource, type DataSourceOptions } from "typeorm";
-import { createSessionRegistry, type SessionRegistry } from "../../src/index.js";
+import type { SessionRegistry } from "../../src/index.js";
+import { TestDatabase } from "./databases.js";
 import { freshDatabase, pgServer } from "./postgres-hooks.js";
 import { ENTITIES, TempSqlite } from "./sqlite.js";
 
@@ -34,33 +35,17 @@ const sqlite: Backend = {
 };
 
 /** PostgreSQL: one database per run, tables emptied before each test; pools of 5. */
-class PgDb implements TestDb {
+class PgDb extends TestDatabase implements TestDb {
   readonly kind = "postgres";
   readonly #url: string;
-  readonly #sources: DataSource[] = [];
 
   constructor(url: string) {
+    super();
     this.#url = url;
   }
 
-  dataSource(extra: Partial<DataSourceOptions> = {}): DataSource {
-    const ds = new DataSource({
-      type: "postgres",
-      url: this.#url,
-      entities: ENTITIES,
-      extra: { max: 5 },
-      ...extra,
-    } as DataSourceOptions);
-    this.#sources.push(ds);
-    return ds;
-  }
-
-  registry(name = "test"): SessionRegistry {
-    return createSessionRegistry({ name, dataSource: this.dataSource() });
-  }
-
-  async dispose(): Promise<void> {
-    for (const ds of this.#sources) if (ds.isInitialized) await ds.destroy();
+  protected options(extra: Partial<DataSourceOptions>): DataSourceOptions {
+    return { type: "postgres", url: this.#url, entities: ENTITIES, extra: { max: 5 }, ...extra } as DataSourceOptions;
   }
 }
 

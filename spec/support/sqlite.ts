@@ -2,8 +2,8 @@ import "reflect-metadata";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { DataSource, type DataSourceOptions } from "typeorm";
-import { createSessionRegistry, type SessionRegistry } from "../../src/index.js";
+import type { DataSourceOptions } from "typeorm";
+import { TestDatabase } from "./databases.js";
 import { Account, Note } from "./entities.js";
 
 export const ENTITIES = [Note, Account];
@@ -23,26 +23,17 @@ export function sqliteOptions(database: string, extra: Partial<DataSourceOptions
 }
 
 /** A file-backed SQLite database in a fresh temporary directory. */
-export class TempSqlite {
+export class TempSqlite extends TestDatabase {
   readonly kind = "sqlite";
   readonly dir = mkdtempSync(join(tmpdir(), "tss-spec-"));
   readonly path = join(this.dir, "test.db");
-  readonly #sources: DataSource[] = [];
 
-  /** A new, not yet initialized DataSource on this file. */
-  dataSource(extra: Partial<DataSourceOptions> = {}): DataSource {
-    const ds = new DataSource(sqliteOptions(this.path, extra));
-    this.#sources.push(ds);
-    return ds;
+  protected options(extra: Partial<DataSourceOptions>): DataSourceOptions {
+    return sqliteOptions(this.path, extra);
   }
 
-  /** A registry on a new DataSource on this file. */
-  registry(name = "test"): SessionRegistry {
-    return createSessionRegistry({ name, dataSource: this.dataSource() });
-  }
-
-  async dispose(): Promise<void> {
-    for (const ds of this.#sources) if (ds.isInitialized) await ds.destroy();
+  override async dispose(): Promise<void> {
+    await super.dispose();
     rmSync(this.dir, { recursive: true, force: true });
   }
 }

@@ -68,21 +68,34 @@ export class NoActiveSessionError extends SessionError {
 
 /**
  * The session is closing or closed: its block has ended (or is committing), it was
- * removed, or it was force-closed. Late work must start its own block.
+ * removed, or it was force-closed. Late work must start its own block. A request's
+ * session kept past the end of its request says why in {@link SessionClosedError.reason}.
  */
 export class SessionClosedError extends SessionError {
   readonly code = "ERR_SESSION_CLOSED";
   /** Label of the closed session, e.g. `session #12 (InvoiceJob.run)`. */
   readonly session: string;
+  /**
+   * Set when the session was a web request's and closed because the request was over:
+   * `"response-finished"` or `"client-disconnected"`. Handy to filter these out of error
+   * reports: `if (error.reason === "client-disconnected") return;`.
+   */
+  readonly reason: "response-finished" | "client-disconnected" | undefined;
 
   /** @hidden */
-  constructor(session: string, detail?: string) {
+  constructor(session: string, detail?: string, reason?: "response-finished" | "client-disconnected") {
     super(
-      `${session} is closed${detail ? ` (${detail})` : ""}: it accepts no new work once its block ` +
-        `has ended or started to commit. Await all work inside the block, or start ` +
-        `independent work with registry.detached() or a new withSession() outside it.`,
+      reason === undefined
+        ? `${session} is closed${detail ? ` (${detail})` : ""}: it accepts no new work once its block ` +
+            `has ended or started to commit. Await all work inside the block, or start ` +
+            `independent work with registry.detached() or a new withSession() outside it.`
+        : `${session} is closed (${reason === "client-disconnected" ? "the client disconnected" : "the response finished"}): ` +
+            `a request's session closes once the request is over and nothing of it runs. Get the ` +
+            `session anew for each use (the registry's repositories and manager, currentSession()), ` +
+            `which gives a new one, or start work that must outlive the request with registry.detached().`,
     );
     this.session = session;
+    this.reason = reason;
   }
 }
 

@@ -1,7 +1,7 @@
 import { NoActiveSessionError, PropagationError, SessionClosedError, SessionTimeoutError } from "../errors.js";
 import { describe, resolveOptions, type ResolvedOptions, type ResolvedRetry } from "./options.js";
 import type { RegistryHost, SessionRegistry } from "./registry.js";
-import { findScope, type Frame, lineage, type Scope, storage } from "./scope.js";
+import { findScope, type Frame, lineage, type RequestEnd, type Scope, storage } from "./scope.js";
 import type { Session, SessionCallback } from "./session.js";
 
 /** The body of a block: receives the session, returns a value or a promise of one. */
@@ -50,10 +50,10 @@ export async function execute<T>(bound: SessionRegistry, fn: SessionBody<T>, opt
   const here = storage.getStore();
   const scope = opts.detached === true ? undefined : findScope(here, registry);
   if (scope !== undefined && opts.propagation !== "requiresNew") {
-    if (scope.ended && scope.session === undefined) {
-      throw new SessionClosedError(`The session of registry "${registry.name}"`, "its scope has ended");
-    }
-    return joinSession((scope.session ??= host.createSession(opts.name)), scope, here, fn, opts, host);
+    const session = scopeSession(scope, host, opts.name);
+    const joined = joinSession(session, scope, here, fn, opts, host);
+    // A request's session stays open, once the request is over, until its blocks have settled.
+    return scope.over === undefined ? joined : session._busyWith(joined);
   }
   if (opts.propagation === "mandatory" && opts.detached !== true) {
     throw new NoActiveSessionError(
@@ -78,16 +78,82 @@ export async function execute<T>(bound: SessionRegistry, fn: SessionBody<T>, opt
   return opts.retry === undefined ? open(undefined) : retrying(opts.retry, open);
 }
 
+/**
+ * The session of `scope`, created on first use. In a request scope whose request is
+ * over, a session that has closed is replaced by a new one, which closes as soon as
+ * nothing of it runs (SQLAlchemy's `scoped_session` after `remove()`: the next use
+ * simply gets a new session). Elsewhere an ended scope has no session to give.
+ *
+ * @internal
+ */
+export function scopeSession(scope: Scope, host: RegistryHost, name: string | undefined): Session {
+  const session = scope.session;
+  if (scope.over !== undefined && (session === undefined || session.closed)) {
+    const fresh = host.createSession(name);
+    scope.session = fresh;
+    fresh._closeWhenIdle(scope.over, true);
+    return fresh;
+  }
+  if (session !== undefined) return session;
+  if (scope.ended)
+    throw new SessionClosedError(`The session of registry "${scope.registry.name}"`, "its scope has ended");
+  return (scope.session = host.createSession(name));
+}
+
+/** The ready host of `registry`, refusing new work once it drains. */
+async function readyHost(registry: SessionRegistry): Promise<RegistryHost> {
+  const ready = registry._ready();
+  const host = (ready instanceof Promise ? await ready : ready) as RegistryHost;
+  host.assertOpen();
+  return host;
+}
+
 /** `registry.scope(fn)`: a new scope whose session is created on first use. @internal */
 export async function openScope<T>(registry: SessionRegistry, fn: () => T | Promise<T>): Promise<T> {
   if (typeof fn !== "function") throw new TypeError(`Expected the scope body to be a function, got ${describe(fn)}`);
   const test = registry._testScope;
   // Under useTransactionalTests() a request's scope is the test's: same session, same transaction.
   if (test !== undefined) return storage.run({ scope: test, parent: storage.getStore() }, fn);
-  const ready = registry._ready();
-  const host = (ready instanceof Promise ? await ready : ready) as RegistryHost;
+  const host = await readyHost(registry);
   const scope: Scope = { registry, session: undefined, ended: false };
   return settle(scope, host, [], undefined, () => storage.run({ scope, parent: storage.getStore() }, fn));
+}
+
+/**
+ * The scope of one web request, the one path of every web integration. `body` runs
+ * at once in a new scope whose session is created on first use, and gets `end`, to
+ * call (once or more: the first reason counts) when the request is over: the
+ * response has finished or the client has gone away.
+ *
+ * Unlike a block's scope, a request's scope cannot know when the handlers' work is
+ * done (an Express handler returns nothing to wait for), so its end does not cut that
+ * work off: from `end` on, the session closes as soon as nothing of it runs — no
+ * block, no statement, no transaction open — so a block still running ends as its
+ * body says (commits or rolls back) first. Later use of the scope (the registry's
+ * proxies, `current()`, a joining block) gets a new session that closes the same
+ * way; a `Session` object kept from before rejects with a {@link SessionClosedError}
+ * whose `reason` says why.
+ *
+ * @returns `body`'s result; rejects without running `body` when the registry is
+ *   draining ({@link RegistryClosedError}), has no data source, or fails to initialize
+ * @internal
+ */
+export async function requestScope<T>(
+  registry: SessionRegistry,
+  body: (end: (reason: RequestEnd) => void) => T | Promise<T>,
+): Promise<T> {
+  const test = registry._testScope;
+  // Under useTransactionalTests() a request's scope is the test's: same session, same transaction.
+  if (test !== undefined) return storage.run({ scope: test, parent: storage.getStore() }, () => body(() => {}));
+  await readyHost(registry);
+  const scope: Scope = { registry, session: undefined, ended: false };
+  const end = (reason: RequestEnd): void => {
+    if (scope.over !== undefined) return;
+    scope.over = reason;
+    scope.ended = true;
+    scope.session?._closeWhenIdle(reason, false);
+  };
+  return storage.run({ scope, parent: storage.getStore() }, () => body(end));
 }
 
 /**

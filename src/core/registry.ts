@@ -7,7 +7,7 @@ import {
   RegistryNotConfiguredError,
   SessionClosedError,
 } from "../errors.js";
-import { openScope, runBlock, type SessionBody } from "./block.js";
+import { openScope, runBlock, scopeSession, type SessionBody } from "./block.js";
 import { type DriverFamily, familyOf, isSingleConnection } from "./driver.js";
 import { Lease } from "./lease.js";
 import { describe, type SessionOptions } from "./options.js";
@@ -190,6 +190,8 @@ export interface RegistryHost extends SessionHost {
   createSession(name: string | undefined): Session;
   /** A block ran past its timeoutMs. */
   timedOut(session: Session, durationMs: number): void;
+  /** Throws {@link RegistryClosedError} once the registry has begun to drain. */
+  assertOpen(): void;
 }
 
 /** Leases of single-connection DataSources, shared by every registry that uses one. */
@@ -371,10 +373,8 @@ export class SessionRegistry {
   current(): Session {
     const scope = findScope(storage.getStore(), this);
     if (scope === undefined) throw new NoActiveSessionError(this.name);
-    if (scope.session === undefined && !scope.ended) {
-      // Inside scope(): the session is created on first use.
-      scope.session = this._host().createSession(undefined);
-    }
+    // Inside scope() and a request's scope: the session is created on first use.
+    if (scope.session === undefined || scope.over !== undefined) scopeSession(scope, this._host(), undefined);
     return this.tryCurrent()!;
   }
 
@@ -398,8 +398,11 @@ export class SessionRegistry {
     const scope = findScope(frame, this);
     if (scope === undefined) return undefined;
     const session = scope.session;
-    if (session === undefined) {
-      if (scope.ended) throw new SessionClosedError(`The session of registry "${this.name}"`, "its scope has ended");
+    // A request that is over has no session until the next use makes one.
+    if (session === undefined || (scope.over !== undefined && session.closed)) {
+      if (scope.ended && scope.over === undefined) {
+        throw new SessionClosedError(`The session of registry "${this.name}"`, "its scope has ended");
+      }
       return undefined;
     }
     if (!session._usableFrom(frame)) throw session._closedError();
@@ -703,8 +706,11 @@ export class SessionRegistry {
       dataSource,
       family,
       lease: lease ?? undefined,
-      createSession: (name: string | undefined): Session => {
+      assertOpen: (): void => {
         if (this.#draining) throw new RegistryClosedError(this.name);
+      },
+      createSession: (name: string | undefined): Session => {
+        host.assertOpen();
         const session = Session._create(this, host, name);
         this.#opened += 1;
         this.#active += 1;

@@ -10,9 +10,18 @@ import type { SessionRegistry } from "./registry.js";
 export interface Scope {
   readonly registry: SessionRegistry;
   session: Session | undefined;
-  /** Set once the block that opened the scope has settled. */
+  /** Set once the block that opened the scope has settled, or a request scope's request is over. */
   ended: boolean;
+  /**
+   * Only on the scope of a web request (`requestScope()` of block.ts): why the request is over,
+   * once it is. From then on the scope's session closes whenever nothing of it runs, and
+   * the next use of the scope gets a new session that does the same.
+   */
+  over?: RequestEnd | undefined;
 }
+
+/** Why a request scope's request is over: the response finished, or the client went away first. */
+export type RequestEnd = "response-finished" | "client-disconnected";
 
 /**
  * What the AsyncLocalStorage holds: one frame per block that needs its own

@@ -4,7 +4,7 @@ import type { Lease } from "./lease.js";
 import type { IsolationLevel } from "./options.js";
 import type { SessionRegistry } from "./registry.js";
 import { sessionManager } from "./manager.js";
-import { type Frame, isWithin, lineage, storage } from "./scope.js";
+import { type Frame, isWithin, lineage, type RequestEnd, storage } from "./scope.js";
 import { discardConnection, type DriverFamily } from "./driver.js";
 
 /** A callback registered with {@link Session.afterCommit} or {@link Session.afterRollback}. */
@@ -147,6 +147,10 @@ export class Session {
   readonly #inFlight = new Set<Promise<unknown>>();
   /** Blocks waiting on this session that must settle at once if it is force-closed. */
   #guards: Set<(error: unknown, closed: Promise<void>) => void> | undefined;
+  /** A request's session once its request is over: it closes as soon as nothing of it runs. */
+  #requestOver: RequestEnd | undefined;
+  /** Blocks of an ended request still running on this session. */
+  #busy = 0;
 
   /** Sessions are created by registries, never directly. */
   private constructor(registry: SessionRegistry, host: SessionHost, name: string | undefined) {
@@ -515,6 +519,42 @@ export class Session {
     });
   }
 
+  /**
+   * @internal The session's request is over (`fresh`: it was made after that): close
+   * it as soon as nothing of it runs — no block, statement, transaction or callback.
+   */
+  _closeWhenIdle(reason: RequestEnd, fresh: boolean): void {
+    this.#requestOver = reason;
+    // A session made for one late use closes after it; give that use its chance first.
+    if (fresh) setImmediate(() => this.#closeIfIdle());
+    else this.#closeIfIdle();
+  }
+
+  /** @internal A block of an ended request runs on this session: it stays open until `work` settles. */
+  _busyWith<T>(work: Promise<T>): Promise<T> {
+    this.#busy += 1;
+    const done = (): void => {
+      this.#busy -= 1;
+      this.#closeIfIdle();
+    };
+    work.then(done, done);
+    return work;
+  }
+
+  #closeIfIdle(): void {
+    if (
+      this.#requestOver === undefined ||
+      this.#state !== OPEN ||
+      this.#busy > 0 ||
+      this.#inFlight.size > 0 ||
+      this.#levels.length > 0 ||
+      this.#starting !== undefined
+    ) {
+      return;
+    }
+    if (!this._closeIdle()) void this._close().then((callbacks) => this._runCallbacks(callbacks));
+  }
+
   /** @internal Whether the session is still waiting for its connection (the pool, or SQLite's lease). */
   _waitingForConnection(): boolean {
     if (this.#connected instanceof Promise) return true;
@@ -588,7 +628,8 @@ export class Session {
     if (detail === undefined && this.#broken !== undefined) {
       detail = "its connection was discarded after a failed COMMIT or ROLLBACK";
     }
-    return new SessionClosedError(String(this), detail);
+    const reason = detail === undefined ? this.#requestOver : undefined;
+    return new SessionClosedError(String(this), detail, reason);
   }
 
   /**
@@ -633,6 +674,7 @@ export class Session {
 
   /** Wake waiters that may run now, in order; a granted level changes who may run next. */
   #wake(): void {
+    if (this.#requestOver !== undefined) this.#closeIfIdle();
     if (this.#waiters.length === 0) return;
     const waiting = this.#waiters;
     this.#waiters = [];
@@ -853,6 +895,7 @@ export class Session {
         return await running;
       } finally {
         this.#inFlight.delete(running);
+        if (this.#requestOver !== undefined) this.#closeIfIdle();
       }
     }
     // Each pass waits for something (a turn, the lease) and checks again: whatever
@@ -880,6 +923,7 @@ export class Session {
     } finally {
       this.#inFlight.delete(running);
       lease.release(this);
+      if (this.#requestOver !== undefined) this.#closeIfIdle();
     }
   }
 

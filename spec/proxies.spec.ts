@@ -50,6 +50,7 @@ forEachBackend("scoped proxies", (backend) => {
             expect(read(proxy, symbol), `${stage}: ${String(symbol)}`).to.equal(undefined);
           }
           expect(Object.prototype.toString.call(proxy)).to.equal("[object Object]");
+          // eslint-disable-next-line @typescript-eslint/no-base-to-string -- what String() gives is the point
           expect(String(proxy)).to.equal("[object Object]");
           expect(JSON.stringify(proxy)).to.equal("{}");
           expect(() => inspect(proxy)).not.to.throw();
@@ -63,6 +64,7 @@ forEachBackend("scoped proxies", (backend) => {
 
     it("await and promise resolution treat the proxies as plain values", async () => {
       const notes = reg.getRepository(Note);
+      // eslint-disable-next-line @typescript-eslint/await-thenable -- awaiting a non-thenable is the point
       expect(await notes).to.equal(notes);
       expect(await Promise.resolve(reg.manager)).to.equal(reg.manager);
       expect(await (async () => notes)()).to.equal(notes);
@@ -125,24 +127,26 @@ forEachBackend("scoped proxies", (backend) => {
       expect(await rejectionOf(NoteRepository.countBlock(1))).to.be.instanceOf(NoActiveSessionError);
       expect(() => NoteRepository.findByBody("x")).to.throw(NoActiveSessionError);
 
-      await reg.withTransaction(async (s) => {
-        await NoteRepository.insert({ body: "mine", block: 7 }); // inherited, on the session
-        const found = await NoteRepository.findByBody("mine"); // custom, `this` on the session
-        expect(found?.block).to.equal(7);
-        expect(await NoteRepository.countBlock(7)).to.equal(1);
-        const self = calls[0] as Repository<Note>;
-        expect(self.manager).to.equal(s.manager);
-        expect(self.queryRunner).to.equal(s.queryRunner);
-        // Another block sees nothing of the uncommitted row through the same custom repository.
-        if (backend.kind === "postgres") {
-          expect(
-            await reg.withSession(() => NoteRepository.findByBody("mine"), { propagation: "requiresNew" }),
-          ).to.equal(null);
-        }
-        throw new Error("roll back");
-      }).catch((error: unknown) => {
-        if ((error as Error).message !== "roll back") throw error;
-      });
+      await reg
+        .withTransaction(async (s) => {
+          await NoteRepository.insert({ body: "mine", block: 7 }); // inherited, on the session
+          const found = await NoteRepository.findByBody("mine"); // custom, `this` on the session
+          expect(found?.block).to.equal(7);
+          expect(await NoteRepository.countBlock(7)).to.equal(1);
+          const self = calls[0] as Repository<Note>;
+          expect(self.manager).to.equal(s.manager);
+          expect(self.queryRunner).to.equal(s.queryRunner);
+          // Another block sees nothing of the uncommitted row through the same custom repository.
+          if (backend.kind === "postgres") {
+            expect(
+              await reg.withSession(() => NoteRepository.findByBody("mine"), { propagation: "requiresNew" }),
+            ).to.equal(null);
+          }
+          throw new Error("roll back");
+        })
+        .catch((error: unknown) => {
+          if ((error as Error).message !== "roll back") throw error;
+        });
       expect(await reg.withSession(() => NoteRepository.countBlock(7))).to.equal(0);
     });
 
@@ -158,7 +162,10 @@ forEachBackend("scoped proxies", (backend) => {
         },
       });
       await reg.withTransaction(async () => {
-        await more.insert([{ body: "a", block: 3 }, { body: "b", block: 3 }]);
+        await more.insert([
+          { body: "a", block: 3 },
+          { body: "b", block: 3 },
+        ]);
         expect(await more.byBlock(3)).to.have.length(2);
         expect((await more.firstOfBlock(3))?.block).to.equal(3);
       });
@@ -203,7 +210,11 @@ describe("scoped proxies in a real NestJS application", () => {
         await this.cats.insert([{ name: "Tom" }, { name: "Felix" }]);
         const all = await this.cats.find({ order: { id: "ASC" } });
         const tom = await this.named.named("Tom");
-        return { names: all.map((c) => c.name), tom: tom?.id, runner: this.cats.queryRunner === db.current().queryRunner };
+        return {
+          names: all.map((c) => c.name),
+          tom: tom?.id,
+          runner: this.cats.queryRunner === db.current().queryRunner,
+        };
       }
     }
 

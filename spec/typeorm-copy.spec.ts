@@ -20,7 +20,8 @@ function secondCopy(): { dir: string; typeorm: typeof TypeORM } {
   const ours = join(process.cwd(), "node_modules");
   cpSync(join(ours, "typeorm"), join(modules, "typeorm"), { recursive: true });
   for (const name of readdirSync(ours)) {
-    if (name !== "typeorm" && name !== ".bin" && !name.startsWith(".")) symlinkSync(join(ours, name), join(modules, name));
+    if (name !== "typeorm" && name !== ".bin" && !name.startsWith("."))
+      symlinkSync(join(ours, name), join(modules, name));
   }
   const typeorm = createRequire(join(dir, "index.js"))("typeorm") as typeof TypeORM;
   return { dir, typeorm };
@@ -47,7 +48,12 @@ describe("a DataSource from another copy of typeorm", () => {
       tableName: "pets",
       columns: { id: { type: Number, primary: true, generated: true }, name: { type: String } },
     });
-    const ds = new DataSource({ type: SQLITE_DRIVER as "sqlite", database: ":memory:", entities: [Pet], synchronize: true });
+    const ds = new DataSource({
+      type: SQLITE_DRIVER as "sqlite",
+      database: ":memory:",
+      entities: [Pet],
+      synchronize: true,
+    });
     return { ds, Pet };
   }
 

@@ -33,7 +33,8 @@ export const FOREIGN_INITIALIZE_TIMEOUT_MS = 60_000;
  */
 export function trackInitialization(dataSource: DataSource): void {
   if (Object.hasOwn(dataSource, TRACKED)) return;
-  const own = dataSource.initialize as (this: DataSource) => Promise<DataSource>;
+  // Read off the instance to call it with `this` later, as TypeORM's own method or an app's override.
+  const own: (this: DataSource) => Promise<DataSource> = Reflect.get(dataSource, "initialize");
   Object.defineProperty(dataSource, TRACKED, { value: own });
   Object.defineProperty(dataSource, "initialize", {
     configurable: true,

@@ -105,7 +105,7 @@ function scopedProxy<T extends object>(registry: SessionRegistry, kind: ProxyKin
       const dataSource = registry._knownDataSource();
       const independent = kind.independent(property, dataSource);
       if (independent !== undefined) return independent.value;
-      if (property === "extend" && kind.extend !== undefined) return kind.extend;
+      if (property === "extend" && kind.extend !== undefined) return kind.extend.bind(kind);
       const member = memberOf(kind.prototype(dataSource), property);
       // `constructor`, and what every object has (`toString`, `hasOwnProperty`, ...): the prototype's own.
       if (property === "constructor" || member?.owner === Object.prototype) return member?.value;
@@ -217,7 +217,7 @@ function extendedProxy<E extends ObjectLiteral>(
     const base = resolve(session);
     let extended = made.get(base);
     if (extended === undefined) {
-      extended = base.extend(more) as Repository<E>;
+      extended = base.extend(more);
       made.set(base, extended);
     }
     return extended;

@@ -853,7 +853,8 @@ function dataSourceInput(options: SessionRegistryOptions): DataSourceInput | und
     const parsed = parseUrl(url);
     // The application's typeorm, the copy its entities and code use, not necessarily the library's own.
     const typeorm = appTypeorm();
-    if (typeorm === undefined) throw new Error(`Cannot resolve typeorm from ${process.cwd()}: install it (npm install typeorm)`);
+    if (typeorm === undefined)
+      throw new Error(`Cannot resolve typeorm from ${process.cwd()}: install it (npm install typeorm)`);
     const { DataSource } = typeorm.module;
     try {
       return new DataSource({ ...rest, ...parsed } as DataSourceOptions as never);

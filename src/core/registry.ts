@@ -1,5 +1,4 @@
-import { DataSource, EntityManager, MissingDriverError, Repository } from "typeorm";
-import type { DataSourceOptions, EntityTarget, ObjectLiteral } from "typeorm";
+import type { DataSource, DataSourceOptions, EntityManager, EntityTarget, ObjectLiteral, Repository } from "typeorm";
 import {
   NoActiveSessionError,
   RegistryBusyError,
@@ -9,10 +8,13 @@ import {
 } from "../errors.js";
 import { openScope, runBlock, scopeSession, type SessionBody } from "./block.js";
 import { type DriverFamily, familyOf, isSingleConnection } from "./driver.js";
+import { initializeOnce, trackInitialization } from "./initialization.js";
 import { Lease } from "./lease.js";
 import { describe, type SessionOptions } from "./options.js";
 import { findScope, type Scope, storage } from "./scope.js";
+import { scopedManager, scopedRepository } from "./proxies.js";
 import { Session, type SessionHost } from "./session.js";
+import { appTypeorm, isDataSource, typeormCopies } from "./typeorm.js";
 
 /** A DataSource, or a function that makes one (late binding). */
 export type DataSourceInput = DataSource | (() => DataSource | Promise<DataSource>);
@@ -261,11 +263,48 @@ export class SessionRegistry {
     this.name = options.name ?? `registry-${++registries}`;
     this.#leakDetectionMs = leakDetection(options);
     this.#input = dataSourceInput(options);
+    // From now on the application's own initialize() and this registry's share one initialization.
+    if (typeof this.#input === "object") trackInitialization(this.#input);
   }
 
   /** The DataSource, once the registry has one and it is initialized. */
   get dataSource(): DataSource | undefined {
     return this.#host?.dataSource;
+  }
+
+  /**
+   * @internal The DataSource if the registry knows it without waiting: once ready, or
+   * given as an object (`dataSource: ds` or `url`), initialized or not.
+   */
+  _knownDataSource(): DataSource | undefined {
+    return this.#host?.dataSource ?? (typeof this.#input === "object" ? this.#input : undefined);
+  }
+
+  /**
+   * Initialize the DataSource now rather than on first use: call it at start-up, before
+   * serving requests, to fail fast on a database that cannot be reached or a schema that
+   * does not match. Resolves at once when the registry is ready. The initialization is the
+   * one every registry using this DataSource shares, and the one the application's own
+   * `dataSource.initialize()` joins when the registry saw the DataSource first; a failed
+   * one is tried again by the next call or block.
+   *
+   * @returns a promise that resolves once the DataSource is initialized
+   * @throws {@link RegistryNotConfiguredError} (as a rejection) while the registry has no data source
+   * @throws the initialization's error (as a rejection): TypeORM's, the driver's, or a
+   *   `TypeError` when `dataSource` (or what its function returned) is not a DataSource
+   * @example
+   * ```ts
+   * export const db = createSessionRegistry({ dataSource: AppDataSource });
+   *
+   * async function main() {
+   *   await db.ready(); // connects, runs migrationsRun/synchronize; throws if the database is down
+   *   app.listen(3000);
+   * }
+   * ```
+   */
+  async ready(): Promise<void> {
+    const ready = this._ready();
+    if (ready instanceof Promise) await ready;
   }
 
   /**
@@ -291,6 +330,7 @@ export class SessionRegistry {
     if (this.#active > 0) throw new RegistryBusyError(this.name, this.#active);
     this.#leakDetectionMs = leakDetection(options);
     this.#input = dataSourceInput(options);
+    if (typeof this.#input === "object") trackInitialization(this.#input);
     this.#draining = false;
     this.#host = undefined;
     this.#initializing = undefined;
@@ -447,7 +487,7 @@ export class SessionRegistry {
    * ```
    */
   get manager(): EntityManager {
-    return (this.#manager ??= scopedProxy(this, EntityManager.prototype, (s) => s.manager, MANAGER_SYNC));
+    return (this.#manager ??= scopedManager(this));
   }
 
   /**
@@ -468,7 +508,7 @@ export class SessionRegistry {
   getRepository<E extends ObjectLiteral>(target: EntityTarget<E>): Repository<E> {
     let repository = this.#repositories.get(target);
     if (repository === undefined) {
-      repository = scopedProxy(this, Repository.prototype, (s) => s.getRepository(target), REPOSITORY_SYNC);
+      repository = scopedRepository(this, target);
       this.#repositories.set(target, repository);
     }
     return repository as Repository<E>;
@@ -686,10 +726,13 @@ export class SessionRegistry {
     const input = this.#input;
     if (input === undefined) throw new RegistryNotConfiguredError(this.name);
     const dataSource = typeof input === "function" ? await input() : input;
-    if (!(dataSource instanceof DataSource)) {
-      throw new TypeError(`Expected \`dataSource\` to be a TypeORM DataSource, got ${describe(dataSource)}`);
+    if (!isDataSource(dataSource)) {
+      throw new TypeError(
+        `Expected \`dataSource\` to be a TypeORM DataSource, got ${describe(dataSource)}.${typeormCopies()}`,
+      );
     }
-    if (!dataSource.isInitialized) await dataSource.initialize();
+    const initializing = initializeOnce(dataSource);
+    if (initializing !== undefined) await initializing;
     if (this.#input !== input) return this._ready(); // reconfigured meanwhile: use the new one
     this.#host = this.#makeHost(dataSource);
     return this.#host;
@@ -803,9 +846,10 @@ function dataSourceInput(options: SessionRegistryOptions): DataSourceInput | und
       throw new TypeError("Pass either `dataSource` or `url` to the registry, not both");
     }
     const input = options.dataSource;
-    if (!(input instanceof DataSource) && typeof input !== "function") {
+    if (!isDataSource(input) && typeof input !== "function") {
       throw new TypeError(
-        `Expected \`dataSource\` to be a DataSource or a function returning one, got ${describe(input)}`,
+        `Expected \`dataSource\` to be a DataSource or a function returning one, got ${describe(input)}.` +
+          typeormCopies(),
       );
     }
     return input;
@@ -813,12 +857,17 @@ function dataSourceInput(options: SessionRegistryOptions): DataSourceInput | und
   if ("url" in options && options.url !== undefined) {
     const { url, name: _name, ...rest } = options;
     const parsed = parseUrl(url);
+    // The application's typeorm, the copy its entities and code use, not necessarily the library's own.
+    const typeorm = appTypeorm();
+    if (typeorm === undefined)
+      throw new Error(`Cannot resolve typeorm from ${process.cwd()}: install it (npm install typeorm)`);
+    const { DataSource } = typeorm.module;
     try {
-      return new DataSource({ ...rest, ...parsed } as DataSourceOptions);
+      return new DataSource({ ...rest, ...parsed } as DataSourceOptions as never);
     } catch (error) {
       // TypeORM 1.x has no "sqlite" (sqlite3) driver: there `sqlite:` URLs use better-sqlite3.
-      if (parsed.type !== "sqlite" || !(error instanceof MissingDriverError)) throw error;
-      return new DataSource({ ...rest, ...parsed, type: "better-sqlite3" } as DataSourceOptions);
+      if (parsed.type !== "sqlite" || (error as Error | undefined)?.name !== "MissingDriverError") throw error;
+      return new DataSource({ ...rest, ...parsed, type: "better-sqlite3" } as DataSourceOptions as never);
     }
   }
   return undefined;
@@ -862,69 +911,6 @@ export function parseUrl(url: unknown): {
   const database = rest.startsWith("//") ? rest.slice(2) : rest;
   if (database === "") throw new RangeError(`Expected a database path after "${scheme}:", got ${describe(url)}`);
   return { type: scheme, database };
-}
-
-/** Methods that return their result synchronously: outside a scope they throw rather than reject. */
-const MANAGER_SYNC = new Set<PropertyKey>([
-  "create",
-  "merge",
-  "getRepository",
-  "getTreeRepository",
-  "getMongoRepository",
-  "withRepository",
-  "getCustomRepository",
-  "createQueryBuilder",
-  "hasId",
-  "getId",
-]);
-const REPOSITORY_SYNC = new Set<PropertyKey>(["create", "merge", "hasId", "getId", "createQueryBuilder", "extend"]);
-
-/** A method found on `prototype` or its ancestors, without running getters. */
-function methodOf(prototype: object | null, property: PropertyKey): unknown {
-  for (let p = prototype; p !== null; p = Object.getPrototypeOf(p) as object | null) {
-    const descriptor = Object.getOwnPropertyDescriptor(p, property);
-    if (descriptor !== undefined) return descriptor.value;
-  }
-  return undefined;
-}
-
-/**
- * A stand-in for an object of the current scope's session: every method call
- * and property read is forwarded to the object `resolve` gives for the session
- * current at that moment.
- */
-function scopedProxy<T extends object>(
-  registry: SessionRegistry,
-  prototype: object,
-  resolve: (session: Session) => T,
-  synchronous: ReadonlySet<PropertyKey>,
-): T {
-  const methods = new Map<PropertyKey, (...args: unknown[]) => unknown>();
-  return new Proxy({} as T, {
-    get(_target, property) {
-      // Not a thenable, and quiet under inspection, so that it can be returned from async code.
-      if (property === "then" || typeof property === "symbol") return undefined;
-      if (typeof methodOf(prototype, property) !== "function") {
-        return (resolve(registry.current()) as Record<PropertyKey, unknown>)[property];
-      }
-      let method = methods.get(property);
-      if (method === undefined) {
-        const sync = synchronous.has(property);
-        method = function (this: unknown, ...args: unknown[]): unknown {
-          let target: Record<PropertyKey, (...a: unknown[]) => unknown>;
-          try {
-            target = resolve(registry.current()) as unknown as typeof target;
-          } catch (error) {
-            if (sync) throw error;
-            return Promise.reject(error);
-          }
-          return target[property]!(...args);
-        };
-        methods.set(property, method);
-      }
-      return method;
-    },
-  });
 }
 
 /**

@@ -2,13 +2,17 @@ import { expect } from "chai";
 import sinon from "sinon";
 import {
   Column,
-  type DataSource,
+  DataSource,
+  type DeepPartial,
   Entity,
+  EntityManager,
+  type EntityTarget,
   JoinTable,
   ManyToMany,
   ManyToOne,
   OneToMany,
   PrimaryGeneratedColumn,
+  type ObjectLiteral,
   type QueryRunner,
   RelationId,
   Table,
@@ -190,6 +194,33 @@ forEachBackend("TypeORM paths on the session", (backend: Backend) => {
         const bound = s.manager.withRepository(ds.getRepository(Note));
         expect(await bound.preload({ id })).to.include({ body: "mine" });
       }, true);
+    });
+
+    it("a customized createEntityManager() whose manager overrides preload: its override runs, on the session", async () => {
+      class Audited extends EntityManager {
+        preloads = 0;
+        override preload<E extends ObjectLiteral>(target: EntityTarget<E>, like: DeepPartial<E>) {
+          this.preloads++;
+          return super.preload(target, like);
+        }
+      }
+      class AuditedDataSource extends DataSource {
+        override createEntityManager(queryRunner?: QueryRunner): EntityManager {
+          return new Audited(this, queryRunner);
+        }
+      }
+      ds = new AuditedDataSource(ds.options);
+      reg = createSessionRegistry({ name: "audited", dataSource: ds });
+      try {
+        await onSession(async (s) => {
+          const { id } = await s.getRepository(Note).save({ body: "uncommitted" });
+          expect(await s.getRepository(Note).preload({ id })).to.include({ body: "uncommitted" });
+          expect(s.manager).to.be.instanceOf(Audited);
+          expect((s.manager as Audited).preloads).to.equal(1);
+        }, true);
+      } finally {
+        if (ds.isInitialized) await ds.destroy();
+      }
     });
 
     if (backend.kind === "sqlite") {

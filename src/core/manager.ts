@@ -138,17 +138,20 @@ function sessionManagerClass(dataSource: DataSource): Omit<ManagerKit, "customiz
      * TypeORM's `preload` loads the entity through the DataSource's own manager
      * (`this.connection.manager` in 0.3, `this.dataSource.manager` in 1.x), so on a
      * connection other than the session's: on PostgreSQL it does not see the session's
-     * uncommitted rows, on SQLite it reads other sessions' uncommitted ones. TypeORM's
-     * own `preload` runs here with a DataSource whose `manager` is this one, so that it
-     * loads through the session whatever the TypeORM version. (`Repository.preload`
-     * calls the manager's.)
+     * uncommitted rows, on SQLite it reads other sessions' uncommitted ones. The
+     * manager's own `preload` (TypeORM's, or a subclass's that calls it) runs here on
+     * this manager seen through a DataSource whose `manager` is this one, so that it
+     * loads through the session whatever the TypeORM version. What it writes on `this`
+     * lands on this manager. (`Repository.preload` calls the manager's.)
      */
     preload(this: SessionManager, ...args: unknown[]) {
-      const dataSource = Object.create(this.connection, { manager: { value: this } }) as DataSource;
-      const onSession = Object.create(this, {
-        connection: { value: dataSource },
-        dataSource: { value: dataSource },
-      }) as SessionManager;
+      const dataSource = new Proxy(this.connection, {
+        get: (target, key, receiver) => (key === "manager" ? this : Reflect.get(target, key, receiver)),
+      });
+      const onSession = new Proxy(this, {
+        get: (target, key, receiver) =>
+          key === "connection" || key === "dataSource" ? dataSource : Reflect.get(target, key, receiver),
+      });
       return shadowed(this, "preload").apply(onSession, args);
     },
   };

@@ -20,7 +20,7 @@ import {
   TreeChildren,
   TreeParent,
 } from "typeorm";
-import { createSessionRegistry, type Session, type SessionRegistry } from "../src/index.js";
+import { createSessionRegistry, type Session, SessionClosedError, type SessionRegistry } from "../src/index.js";
 import { type Backend, forEachBackend, type TestDb } from "./support/backends.js";
 import { Account, Note } from "./support/entities.js";
 import { ENTITIES } from "./support/sqlite.js";
@@ -115,6 +115,7 @@ const PATH_TABLES = [
   "paths_category",
   "paths_tmp_a",
   "paths_tmp_b",
+  "paths_query_cache",
 ];
 
 /** SQL that begins, ends or marks a transaction, as TypeORM's runners send it. */
@@ -310,6 +311,56 @@ forEachBackend("TypeORM paths on the session", (backend: Backend) => {
         expect((await book!.editor)?.name, "lazy").to.equal("Ed");
         const loaded = await s.manager.createQueryBuilder().relation(Author, "books").of(author.id).loadMany<Book>();
         expect(loaded.map((b) => b.title)).to.deep.equal(["One"]);
+      }, true);
+    });
+
+    it("lazy relations of entities made by s.manager.create() load through the session", async () => {
+      await onSession(async (s) => {
+        const editor = await s.getRepository(Author).save({ name: "Ed" });
+        const book = s.manager.create(Book, { title: "One" });
+        book.editor = Promise.resolve(editor);
+        await book.editor;
+        await s.manager.save(book);
+        const [again] = await s.getRepository(Book).find();
+        expect((await again!.editor)?.name).to.equal("Ed");
+        const fresh = s.manager.create(Book, { id: book.id });
+        expect((await fresh.editor)?.name, "an unloaded lazy relation").to.equal("Ed");
+      }, true);
+    });
+
+    it("a lazy relation read after its session closed fails with SessionClosedError", async () => {
+      const book = await reg.withTransaction(async (s) => {
+        const editor = await s.getRepository(Author).save({ name: "Ed" });
+        const saved = await s.getRepository(Book).save({ title: "One" });
+        await s.query(
+          backend.kind === "postgres"
+            ? `UPDATE paths_book SET "editorId" = $1`
+            : `UPDATE paths_book SET "editorId" = ?`,
+          [editor.id],
+        );
+        return await s.getRepository(Book).findOneByOrFail({ id: saved.id });
+      });
+      expect(await rejectionOf(book.editor)).to.be.instanceOf(SessionClosedError);
+    });
+
+    it("the query result cache (cache: true) reads and writes through the session", async () => {
+      ds = db.dataSource({
+        entities: [...ENTITIES, ...PATH_ENTITIES],
+        synchronize: true,
+        cache: { type: "database", tableName: "paths_query_cache" },
+      });
+      reg = createSessionRegistry({ name: "cached", dataSource: ds });
+      await onSession(async (s) => {
+        await s.getRepository(Note).insert({ body: "cached" });
+        const first = await s.getRepository(Note).find({ cache: { id: "notes", milliseconds: 60_000 } });
+        await s.getRepository(Note).insert({ body: "not yet seen" });
+        const second = await s.getRepository(Note).find({ cache: { id: "notes", milliseconds: 60_000 } });
+        expect(first).to.have.length(1);
+        expect(second, "served from the cache").to.have.length(1);
+        const [row] = await s.query<{ n: number | string }[]>(
+          `SELECT count(*) AS n FROM paths_query_cache WHERE identifier = 'notes'`,
+        );
+        expect(Number(row!.n)).to.equal(1);
       }, true);
     });
 

@@ -55,23 +55,30 @@ function customizesManagers(dataSource: DataSource): boolean {
  * `transaction()` is a transactional block on the session (the one core path: a
  * savepoint when nested, a turn of its own when concurrent), and the methods that may
  * begin an implicit transaction (`save`, `remove`, `softRemove`, `recover`) each run
- * in a frame of their own, so that concurrent calls do not share one.
+ * in a frame of their own, so that concurrent calls do not share one; `preload` loads
+ * through the session instead of the DataSource's own manager.
  */
 function sessionManagerClass(dataSource: DataSource): Omit<ManagerKit, "customized"> {
   const Base = dataSource.manager.constructor as new (dataSource: DataSource, runner: QueryRunner) => EntityManager;
   type Method = (...args: unknown[]) => Promise<unknown>;
   /**
-   * Run the manager's own `name` method, the one the override shadows, in a frame of
-   * its own. (A manager from a customized `createEntityManager()` carries the
-   * overrides itself, so its own method is its prototype's.)
+   * The manager's own `name` method, the one an override shadows. (A manager from a
+   * customized `createEntityManager()` carries the overrides itself, so its own method
+   * is its prototype's.)
    */
-  const inOwnFrame = (manager: SessionManager, name: string, args: unknown[]): Promise<unknown> => {
+  const shadowed = (manager: SessionManager, name: string): Method => {
     const owner = (Object.hasOwn(manager, name) ? Object.getPrototypeOf(manager) : Base.prototype) as Record<
       string,
       Method
     >;
+    return owner[name]!;
+  };
+  /** Run the manager's own `name` method in a frame of its own. */
+  const inOwnFrame = (manager: SessionManager, name: string, args: unknown[]): Promise<unknown> => {
     const here = storage.getStore();
-    return storage.run({ scope: scopeOf(here, manager[OWNER]), parent: here }, () => owner[name]!.apply(manager, args));
+    return storage.run({ scope: scopeOf(here, manager[OWNER]), parent: here }, () =>
+      shadowed(manager, name).apply(manager, args),
+    );
   };
   class SessionManager extends Base {
     readonly [OWNER]: Session;
@@ -103,23 +110,53 @@ function sessionManagerClass(dataSource: DataSource): Omit<ManagerKit, "customiz
       ),
     );
   }
-  const methods: Record<string, unknown> = {
+  /**
+   * What a session's manager does differently from TypeORM's own, one entry per method,
+   * each saying why. (Audit of the rest: every other EntityManager, Repository,
+   * TreeRepository and query-builder path runs on the manager's `queryRunner`.)
+   */
+  const overrides: Record<string, unknown> = {
+    /** A transactional block on the session: a savepoint when nested, a turn of its own when concurrent. */
     transaction,
+    /** May begin an implicit transaction: concurrent calls each get a frame, so that they do not share one. */
     save(this: SessionManager, ...args: unknown[]) {
       return inOwnFrame(this, "save", args);
     },
+    /** As `save`. */
     remove(this: SessionManager, ...args: unknown[]) {
       return inOwnFrame(this, "remove", args);
     },
+    /** As `save`. */
     softRemove(this: SessionManager, ...args: unknown[]) {
       return inOwnFrame(this, "softRemove", args);
     },
+    /** As `save`. */
     recover(this: SessionManager, ...args: unknown[]) {
       return inOwnFrame(this, "recover", args);
     },
+    /**
+     * TypeORM's `preload` loads the entity through the DataSource's own manager
+     * (`this.connection.manager` in 0.3, `this.dataSource.manager` in 1.x), so on a
+     * connection other than the session's: on PostgreSQL it does not see the session's
+     * uncommitted rows, on SQLite it reads other sessions' uncommitted ones. The
+     * manager's own `preload` (TypeORM's, or a subclass's that calls it) runs here on
+     * this manager seen through a DataSource whose `manager` is this one, so that it
+     * loads through the session whatever the TypeORM version. What it writes on `this`
+     * lands on this manager. (`Repository.preload` calls the manager's.)
+     */
+    preload(this: SessionManager, ...args: unknown[]) {
+      const dataSource = new Proxy(this.connection, {
+        get: (target, key, receiver) => (key === "manager" ? this : Reflect.get(target, key, receiver)),
+      });
+      const onSession = new Proxy(this, {
+        get: (target, key, receiver) =>
+          key === "connection" || key === "dataSource" ? dataSource : Reflect.get(target, key, receiver),
+      });
+      return shadowed(this, "preload").apply(onSession, args);
+    },
   };
-  for (const [name, value] of Object.entries(methods)) {
+  for (const [name, value] of Object.entries(overrides)) {
     Object.defineProperty(SessionManager.prototype, name, { value, writable: true, configurable: true });
   }
-  return { Made: SessionManager, methods };
+  return { Made: SessionManager, methods: overrides };
 }

@@ -51,6 +51,7 @@ export async function execute<T>(bound: SessionRegistry, fn: SessionBody<T>, opt
   const scope = opts.detached === true ? undefined : findScope(here, registry);
   if (scope !== undefined && opts.propagation !== "requiresNew") {
     const session = scopeSession(scope, host, opts.name);
+    if (opts.holdConnection) session._holdConnection();
     const joined = joinSession(session, scope, here, fn, opts, host);
     // A request's session stays open, once the request is over, until its blocks have settled.
     return scope.over === undefined ? joined : session._busyWith(joined);
@@ -64,6 +65,7 @@ export async function execute<T>(bound: SessionRegistry, fn: SessionBody<T>, opt
   if (opts.propagation === "requiresNew" || opts.detached === true) assertSecondSessionAllowed(here, host, opts);
   const open = (attempt: number | undefined): Promise<T> => {
     const session = host.createSession(opts.name);
+    if (opts.holdConnection) session._holdConnection();
     const scope: Scope = { registry, session, ended: false };
     // A detached scope inherits nothing; it remembers where it came from only to detect a wait on itself.
     const frame: Frame = opts.detached === true ? { scope, parent: undefined, origin: here } : { scope, parent: here };

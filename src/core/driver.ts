@@ -70,3 +70,25 @@ export async function discardConnection(runner: QueryRunner, shared: boolean, er
     // Releasing a broken connection may fail as well; it is gone either way.
   }
 }
+
+/**
+ * @internal Whether `runner` can take a connection from the pool again after
+ * `release()` once {@link reconnectable} has reset it: TypeORM's PostgreSQL and
+ * MySQL runners, which keep their connection in `databaseConnection`. Others keep
+ * their connection for the session's life.
+ */
+export function canReconnect(runner: QueryRunner): boolean {
+  return RECONNECTABLE.has(runner.constructor.name);
+}
+
+const RECONNECTABLE = new Set(["PostgresQueryRunner", "MysqlQueryRunner"]);
+
+/**
+ * @internal The one place that writes into TypeORM's runners so that a released one
+ * can connect again: `connect()` takes a new pooled connection when it has none
+ * (`databaseConnection`, `databaseConnectionPromise`) and `query()` refuses a runner
+ * marked `isReleased`. The same fields in TypeORM 0.3 and 1.x, for PostgreSQL and MySQL.
+ */
+export function reconnectable(runner: QueryRunner): void {
+  Object.assign(runner, { isReleased: false, databaseConnection: undefined, databaseConnectionPromise: undefined });
+}

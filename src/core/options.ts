@@ -111,6 +111,24 @@ export interface SessionOptions {
    * @default the function's name; `Class.method` for a decorated method
    */
   name?: string;
+  /**
+   * Keep one pooled connection from the session's first statement until it closes,
+   * also between statements outside a transaction, for work that needs connection
+   * state: `SET` (not `SET LOCAL`), temporary tables, session-level advisory locks,
+   * `LISTEN`. Without it a session holds a pooled connection only while its statements
+   * run, and from BEGIN to COMMIT or ROLLBACK. On a block that joins its scope's
+   * session, that session keeps its connection from then on. No effect on SQLite,
+   * whose one connection every session shares.
+   * @default false
+   * @example
+   * ```ts
+   * await withSession(async (s) => {
+   *   await s.query("SET search_path TO tenant_42");
+   *   await s.getRepository(Invoice).find(); // same connection, same search_path
+   * }, { holdConnection: true });
+   * ```
+   */
+  holdConnection?: boolean;
 }
 
 /**
@@ -154,6 +172,7 @@ export interface ResolvedOptions {
   readonly name: string | undefined;
   readonly timeoutMs: number | undefined;
   readonly retry: ResolvedRetry | undefined;
+  readonly holdConnection: boolean;
 }
 
 /** @internal */
@@ -182,6 +201,7 @@ const KNOWN = new Set<string>([
   "name",
   "timeoutMs",
   "retry",
+  "holdConnection",
 ]);
 
 /** `\`value\` (type)`, for messages that show what was received. */
@@ -190,7 +210,10 @@ export function describe(value: unknown): string {
   return `\`${shown}\` (${value === null ? "null" : typeof value})`;
 }
 
-function expectBoolean(options: SessionOptions, key: "transaction" | "savepoint" | "readOnly" | "durable"): boolean {
+function expectBoolean(
+  options: SessionOptions,
+  key: "transaction" | "savepoint" | "readOnly" | "durable" | "holdConnection",
+): boolean {
   const value: unknown = options[key];
   if (value === undefined) return false;
   if (typeof value !== "boolean") throw new TypeError(`Expected \`${key}\` to be a boolean, got ${describe(value)}`);
@@ -228,6 +251,7 @@ export function resolveOptions(
       name: fallbackName,
       timeoutMs: undefined,
       retry: undefined,
+      holdConnection: false,
     };
   }
   if (typeof options !== "object")
@@ -275,6 +299,7 @@ export function resolveOptions(
     name: o.name ?? fallbackName,
     timeoutMs: expectDuration("timeoutMs", o.timeoutMs),
     retry,
+    holdConnection: expectBoolean(o, "holdConnection"),
   };
 }
 

@@ -3,7 +3,9 @@ import { PropagationError, SessionClosedError, SessionTimeoutError, TransactionN
 import type { Lease } from "./lease.js";
 import type { IsolationLevel } from "./options.js";
 import type { SessionRegistry } from "./registry.js";
+import { canReconnect, reconnectable } from "./driver.js";
 import { sessionManager } from "./manager.js";
+import { queueOf } from "./statement-queue.js";
 import { type Frame, isWithin, lineage, type RequestEnd, storage } from "./scope.js";
 import { discardConnection, type DriverFamily } from "./driver.js";
 
@@ -147,6 +149,20 @@ export class Session {
   readonly #inFlight = new Set<Promise<unknown>>();
   /** Blocks waiting on this session that must settle at once if it is force-closed. */
   #guards: Set<(error: unknown, closed: Promise<void>) => void> | undefined;
+  /** Statements run so far (see {@link statements}). */
+  #statements = 0;
+  /** Statements of this session queued or in flight on a pooled connection: they keep it. */
+  #uses = 0;
+  /** Keep the pooled connection from first use until the session closes (`holdConnection`). */
+  #pinned = false;
+  /** The pooled connection going back to the pool. */
+  #releasing: Promise<void> | undefined;
+  /** The view's handler: what users assigned on the runner view. */
+  #handler: { assigned(key: string): ((...args: unknown[]) => unknown) | undefined } | undefined;
+  /** The driver runner as the session's own transaction statements see it (see {@link #transaction}). */
+  #controlView: QueryRunner | undefined;
+  /** Calls of the session's own that wait to come back through a wrapper the user assigned on the view. */
+  readonly #pending = new Set<PropertyKey>();
   /** A request's session once its request is over: it closes as soon as nothing of it runs. */
   #requestOver: RequestEnd | undefined;
   /** Blocks of an ended request still running on this session. */
@@ -215,6 +231,14 @@ export class Session {
    */
   query<T = any>(sql: string, parameters?: unknown[]): Promise<T> {
     return this.#statement(sql, parameters, false) as Promise<T>;
+  }
+
+  /**
+   * How many statements the session has sent so far (queries, and the BEGIN, COMMIT,
+   * ROLLBACK and SAVEPOINT statements of its transactions are not counted).
+   */
+  get statements(): number {
+    return this.#statements;
   }
 
   /** Whether a transaction is open on this session. */
@@ -446,7 +470,8 @@ export class Session {
   _closeIdle(): boolean {
     if (
       this.#state !== OPEN ||
-      this.#real !== undefined ||
+      this.#connected !== false ||
+      this.#releasing !== undefined ||
       this.#levels.length > 0 ||
       this.#waiters.length > 0 ||
       this.#running.size > 0
@@ -530,6 +555,11 @@ export class Session {
     else this.#closeIfIdle();
   }
 
+  /** @internal `holdConnection`: keep the pooled connection, once taken, until the session closes. */
+  _holdConnection(): void {
+    this.#pinned = true;
+  }
+
   /** @internal A block of an ended request runs on this session: it stays open until `work` settles. */
   _busyWith<T>(work: Promise<T>): Promise<T> {
     this.#busy += 1;
@@ -591,8 +621,14 @@ export class Session {
         if (top.begun || top.ending !== undefined) callbacks.push(...(await this.#end(top, false)).callbacks);
         else this.#pop(top, "rolledBack"); // still waiting for the connection: nothing to undo
       }
-      if (this.#real !== undefined && this.#broken === undefined && this.#host.lease === undefined) {
-        const real = this.#real;
+      if (this.#releasing !== undefined) await this.#releasing;
+      const real = this.#real;
+      if (
+        real !== undefined &&
+        this.#connected !== false &&
+        this.#broken === undefined &&
+        this.#host.lease === undefined
+      ) {
         const release = async (): Promise<void> => {
           try {
             await real.release();
@@ -694,20 +730,26 @@ export class Session {
     Object.entries({
       query: {
         value(this: RunnerView, sql: string, parameters?: unknown[], structured?: boolean) {
-          return this[OWNER].#statement(sql, parameters, structured === true);
+          const session = this[OWNER];
+          // The session's own BEGIN/COMMIT... coming back through a wrapper the user assigned.
+          if (session.#pending.delete("query")) return session.#controlStatement(sql, parameters, structured === true);
+          return session.#statement(sql, parameters, structured === true);
         },
       },
       stream: {
         async value(this: RunnerView, ...args: Parameters<QueryRunner["stream"]>) {
           const session = this[OWNER];
+          // A stream reads from its connection until it ends: the session keeps it until it closes.
           if (session.#host.lease === undefined) await session.#gatePooled(storage.getStore());
           return session.#real!.stream(...args);
         },
       },
       connect: {
         async value(this: RunnerView) {
+          // Asked for the connection itself (LISTEN, COPY, a driver API): the session keeps it until it closes.
           const session = this[OWNER];
           session.#assertUsable(storage.getStore());
+          session.#pinned = true;
           await session.#connect();
           return session.#real!.connect();
         },
@@ -715,17 +757,23 @@ export class Session {
       release: { value: () => Promise.resolve() },
       startTransaction: {
         value(this: RunnerView, isolation?: IsolationLevel) {
-          return this[OWNER].#viewBegin(isolation);
+          const session = this[OWNER];
+          if (session.#pending.delete("startTransaction")) return session.#driverCall("startTransaction", [isolation]);
+          return session.#viewBegin(isolation);
         },
       },
       commitTransaction: {
         value(this: RunnerView) {
-          return this[OWNER].#viewEnd(true);
+          const session = this[OWNER];
+          if (session.#pending.delete("commitTransaction")) return session.#driverCall("commitTransaction", []);
+          return session.#viewEnd(true);
         },
       },
       rollbackTransaction: {
         value(this: RunnerView) {
-          return this[OWNER].#viewEnd(false);
+          const session = this[OWNER];
+          if (session.#pending.delete("rollbackTransaction")) return session.#driverCall("rollbackTransaction", []);
+          return session.#viewEnd(false);
         },
       },
       isTransactionActive: {
@@ -745,31 +793,68 @@ export class Session {
    * would turn the runner into a prototype: a one-of-a-kind, slow shape for all of
    * TypeORM's code that runs on it, made slower still by every write to it.) What
    * TypeORM writes through the view goes to the runner, except on SQLite's one shared
-   * runner, where it stays with the session (`data`, for example).
+   * runner, where it stays with the session: `data`, and the state that `release()`
+   * resets on a runner of one's own (`loadedTables`, `sqlInMemory`), start fresh for
+   * each session. Methods that users assign on the view (spies, wrappers of APM
+   * agents) stay with the view and are what it answers with from then on.
    */
   static readonly #ViewHandler = class ViewHandler implements ProxyHandler<QueryRunner> {
     readonly session: Session;
-    readonly #own: Map<PropertyKey, unknown> | undefined;
-    constructor(session: Session, shared: boolean) {
+    readonly #shared: boolean;
+    readonly #own = new Map<PropertyKey, unknown>();
+    constructor(session: Session, real: QueryRunner, shared: boolean) {
       this.session = session;
-      // Its own `data` (TypeORM's per-runner user data), as a runner of its own would have.
-      this.#own = shared ? new Map([["data", {}]]) : undefined;
+      this.#shared = shared;
+      if (shared) {
+        const SqlInMemory = (real as unknown as { sqlInMemory: object }).sqlInMemory.constructor as new () => unknown;
+        this.#own.set("data", {});
+        this.#own.set("loadedTables", []);
+        this.#own.set("sqlInMemory", new SqlInMemory());
+        this.#own.set("sqlMemoryMode", false);
+      }
+    }
+
+    /** The method the user assigned under `key`, if any. */
+    assigned(key: string): ((...args: unknown[]) => unknown) | undefined {
+      const value = this.#own.get(key);
+      return typeof value === "function" ? (value as (...args: unknown[]) => unknown) : undefined;
+    }
+
+    #keeps(key: PropertyKey): boolean {
+      return this.#shared || Session.#viewEntries.get(key)?.value !== undefined;
     }
 
     get(real: QueryRunner, key: PropertyKey, view: unknown): unknown {
       if (key === OWNER) return this.session;
       if (key === "broadcaster") return this.session.#broadcaster;
       const entry = Session.#viewEntries.get(key);
-      if (entry !== undefined) return entry.get === undefined ? entry.value : entry.get.call(view);
+      if (entry?.get !== undefined) return entry.get.call(view);
       const own = this.#own;
-      if (own !== undefined && own.has(key)) return own.get(key);
+      if (own.has(key)) return own.get(key);
+      if (entry !== undefined) return entry.value;
       return Reflect.get(real, key, view);
     }
 
     set(real: QueryRunner, key: PropertyKey, value: unknown): boolean {
-      if (this.#own === undefined) return Reflect.set(real, key, value);
+      if (!this.#keeps(key)) return Reflect.set(real, key, value);
       this.#own.set(key, value);
       return true;
+    }
+
+    defineProperty(real: QueryRunner, key: PropertyKey, descriptor: PropertyDescriptor): boolean {
+      if (!this.#keeps(key) || !("value" in descriptor)) return Reflect.defineProperty(real, key, descriptor);
+      this.#own.set(key, descriptor.value);
+      return true;
+    }
+
+    deleteProperty(real: QueryRunner, key: PropertyKey): boolean {
+      if (this.#own.delete(key)) return true;
+      return Reflect.deleteProperty(real, key);
+    }
+
+    getOwnPropertyDescriptor(real: QueryRunner, key: PropertyKey): PropertyDescriptor | undefined {
+      if (!this.#own.has(key)) return Reflect.getOwnPropertyDescriptor(real, key);
+      return { value: this.#own.get(key), writable: true, enumerable: true, configurable: true };
     }
   };
 
@@ -778,7 +863,9 @@ export class Session {
 
   #createRunner(): QueryRunner {
     const real = this.#host.dataSource.driver.createQueryRunner("master");
-    const runner = new Proxy(real, new Session.#ViewHandler(this, this.#host.lease !== undefined));
+    const handler = new Session.#ViewHandler(this, real, this.#host.lease !== undefined);
+    const runner = new Proxy(real, handler);
+    this.#handler = handler;
     // Entity events (beforeInsert, afterLoad...) are broadcast through the runner: give them this
     // session's runner and manager, not whichever session used the shared SQLite runner last.
     const Broadcaster = real.broadcaster.constructor as new (runner: QueryRunner) => unknown;
@@ -830,6 +917,8 @@ export class Session {
       this.#host.emit("connect", this);
       return undefined;
     }
+    // Taken again while the last one is still being given back: after that.
+    if (this.#releasing !== undefined) return this.#releasing.then(() => this.#connect());
     if (this.#connected === false) {
       const connecting = (async () => {
         await this.#real!.connect();
@@ -872,8 +961,9 @@ export class Session {
     return waiting.then(() => void this.#connect());
   }
 
-  /** Pooled drivers: wait until work from `frame` may run on a connected session. */
+  /** Pooled drivers: wait until work from `frame` may run, then keep the connection until the session closes. */
   async #gatePooled(frame: Frame | undefined): Promise<void> {
+    this.#pinned = true;
     for (;;) {
       this.#assertUsable(frame);
       if (!this.#mayRun(frame)) await this.#turn(frame);
@@ -882,19 +972,124 @@ export class Session {
     }
   }
 
+  /** Send a statement (a query, a BEGIN, a COMMIT...) when the connection is free: one at a time, in order. */
+  #send<T>(send: () => Promise<T>): Promise<T> {
+    return queueOf(this.#real!).run(send);
+  }
+
+  /**
+   * Run one of the driver runner's transaction methods for the session's own BEGIN,
+   * COMMIT, ROLLBACK or SAVEPOINT: through what the user assigned under that name on
+   * the view, if anything (whose call of the original comes back here), on a view of
+   * the runner whose statements take the connection's queue and pass through a `query`
+   * the user assigned. So spies and APM wrappers on `s.queryRunner` see them.
+   */
+  async #transaction(method: TransactionMethod, args: unknown[] = []): Promise<void> {
+    const assigned = this.#handler!.assigned(method);
+    if (assigned === undefined) return this.#driverCall(method, args);
+    this.#pending.add(method);
+    try {
+      await assigned.apply(this.#runner, args);
+    } finally {
+      this.#pending.delete(method);
+    }
+  }
+
+  /** A statement of the session's own (SET TRANSACTION READ ONLY...), as {@link #transaction} sends them. */
+  #sendOwn(sql: string): Promise<unknown> {
+    return (this.#controlRunner().query as AnyQuery)(sql);
+  }
+
+  #driverCall(method: TransactionMethod, args: unknown[]): Promise<void> {
+    const call = Reflect.get(this.#real!, method) as (...args: unknown[]) => Promise<void>;
+    return call.apply(this.#controlRunner(), args);
+  }
+
+  #controlRunner(): QueryRunner {
+    if (this.#controlView !== undefined) return this.#controlView;
+    const query = (sql: string, parameters?: unknown[], structured?: boolean): Promise<unknown> => {
+      const assigned = this.#handler!.assigned("query");
+      if (assigned === undefined) return this.#controlStatement(sql, parameters, structured === true);
+      this.#pending.add("query");
+      return Promise.resolve(assigned.call(this.#runner, sql, parameters, structured)).finally(() =>
+        this.#pending.delete("query"),
+      );
+    };
+    this.#controlView = new Proxy(this.#real!, {
+      get: (real, key, view) => (key === "query" ? query : Reflect.get(real, key, view)),
+    });
+    return this.#controlView;
+  }
+
+  /** One of the session's own transaction statements: it has the connection, and waits only for the statements before it. */
+  #controlStatement(sql: string, parameters: unknown[] | undefined, structured: boolean): Promise<unknown> {
+    const real = this.#real!;
+    return this.#send(() => runQuery(real, real, sql, parameters, structured));
+  }
+
+  /**
+   * Pooled drivers: outside a transaction the connection goes back to the pool as soon
+   * as no statement of the session needs it (SQLAlchemy's Session holds one only for a
+   * transaction), so that code mixing the session with `dataSource.manager` in one
+   * request cannot exhaust the pool. Kept with `holdConnection`, and for drivers whose
+   * runners cannot take a connection again after `release()`.
+   */
+  #releaseIfUnused(): void {
+    if (
+      this.#pinned ||
+      this.#uses > 0 ||
+      this.#levels.length > 0 ||
+      this.#connected !== true ||
+      this.#state !== OPEN ||
+      this.#host.lease !== undefined
+    ) {
+      return;
+    }
+    const real = this.#real!;
+    if (!canReconnect(real)) {
+      this.#pinned = true;
+      return;
+    }
+    this.#connected = false;
+    this.#releasing = (async () => {
+      try {
+        await real.release();
+      } catch (error) {
+        this.#host.reportError(this, error);
+      }
+      reconnectable(real);
+      this.#releasing = undefined;
+    })();
+  }
+
   async #statement(sql: string, parameters: unknown[] | undefined, structured: boolean): Promise<unknown> {
     const frame = storage.getStore();
     if (this.#real === undefined) this.#createRunner();
     const real = this.#real!;
     const lease = this.#host.lease;
+    this.#statements += 1;
     if (lease === undefined) {
-      await this.#gatePooled(frame);
-      const running = runQuery(real, real, sql, parameters, structured);
+      for (;;) {
+        this.#assertUsable(frame);
+        if (this.#mayRun(frame)) break;
+        await this.#turn(frame);
+      }
+      // The connection is held from here until the last queued statement is answered
+      // (or, inside a transaction, until its COMMIT or ROLLBACK).
+      this.#uses += 1;
+      const running = this.#send(async () => {
+        this.#assertUsable(frame);
+        const connecting = this.#connect();
+        if (connecting !== undefined) await connecting;
+        return runQuery(real, real, sql, parameters, structured);
+      });
       this.#inFlight.add(running);
       try {
         return await running;
       } finally {
         this.#inFlight.delete(running);
+        this.#uses -= 1;
+        this.#releaseIfUnused();
         if (this.#requestOver !== undefined) this.#closeIfIdle();
       }
     }
@@ -916,7 +1111,7 @@ export class Session {
     // The shared runner's query runs on this session's view, so that the events it
     // broadcasts (BeforeQuery, AfterQuery) carry this session's runner and manager even
     // while other sessions' statements run alongside.
-    const running = runQuery(real, this.#runner!, sql, parameters, structured);
+    const running = this.#send(() => runQuery(real, this.#runner!, sql, parameters, structured));
     this.#inFlight.add(running);
     try {
       return await running;
@@ -1008,11 +1203,15 @@ export class Session {
       }
       const starting = (async () => {
         if (level.savepoint) {
-          await real.startTransaction();
+          await this.#transaction("startTransaction");
         } else {
           try {
-            await real.startTransaction(spec.isolation);
-            if (spec.readOnly) await this.#readOnly(real, true);
+            // MySQL sets the access mode of the next transaction, before it begins.
+            if (spec.readOnly && this.#host.family === "mysql") {
+              await this.#sendOwn("SET TRANSACTION READ ONLY");
+            }
+            await this.#transaction("startTransaction", [spec.isolation]);
+            if (spec.readOnly) await this.#readOnly(true);
           } catch (error) {
             await this.#undoBegin(real);
             throw error;
@@ -1041,7 +1240,7 @@ export class Session {
   async #undoBegin(real: QueryRunner): Promise<void> {
     if (real.isTransactionActive) {
       try {
-        await real.rollbackTransaction();
+        await this.#transaction("rollbackTransaction");
       } catch (error) {
         this.#host.reportError(this, error);
         await this.#discard(error);
@@ -1051,10 +1250,10 @@ export class Session {
     Object.assign(real, { isTransactionActive: false, transactionDepth: 0 });
   }
 
-  async #readOnly(real: QueryRunner, on: boolean): Promise<void> {
+  async #readOnly(on: boolean): Promise<void> {
     const family = this.#host.family;
-    if (family === "postgres" && on) await real.query("SET TRANSACTION READ ONLY");
-    if (family === "sqlite") await real.query(`PRAGMA query_only = ${on ? "ON" : "OFF"}`);
+    if (family === "postgres" && on) await this.#sendOwn("SET TRANSACTION READ ONLY");
+    if (family === "sqlite") await this.#sendOwn(`PRAGMA query_only = ${on ? "ON" : "OFF"}`);
   }
 
   #pop(level: Level, ended: "committed" | "rolledBack"): void {
@@ -1093,9 +1292,8 @@ export class Session {
         ),
       };
     }
-    const real = this.#real!;
     try {
-      await real.commitTransaction();
+      await this.#transaction("commitTransaction");
     } catch (error) {
       if (level.savepoint) {
         const rolledBack = await this.#rollbackLevel(level);
@@ -1124,7 +1322,7 @@ export class Session {
       if (level.afterCommit) (parent.afterCommit ??= []).push(...level.afterCommit);
       if (level.afterRollback) (parent.afterRollback ??= []).push(...level.afterRollback);
     } else {
-      await this.#endOutermost(real, level);
+      await this.#endOutermost(level);
     }
     this.#host.emit("commit", this, {
       savepoint: level.savepoint,
@@ -1136,10 +1334,9 @@ export class Session {
   }
 
   async #rollbackLevel(level: Level): Promise<LevelOutcome> {
-    const real = this.#real!;
     let failed = false;
     try {
-      await real.rollbackTransaction();
+      await this.#transaction("rollbackTransaction");
     } catch (error) {
       failed = true;
       this.#host.reportError(this, error);
@@ -1150,7 +1347,7 @@ export class Session {
     }
     if (!failed) {
       this.#pop(level, "rolledBack");
-      if (!level.savepoint) await this.#endOutermost(real, level);
+      if (!level.savepoint) await this.#endOutermost(level);
     }
     this.#host.emit("rollback", this, {
       savepoint: level.savepoint,
@@ -1162,15 +1359,16 @@ export class Session {
   }
 
   /** After the outermost COMMIT or ROLLBACK: undo per-transaction settings, give the lease back. */
-  async #endOutermost(real: QueryRunner, level: Level): Promise<void> {
+  async #endOutermost(level: Level): Promise<void> {
     if (level.readOnly && this.#host.family === "sqlite") {
       try {
-        await this.#readOnly(real, false);
+        await this.#readOnly(false);
       } catch (error) {
         this.#host.reportError(this, error);
       }
     }
     this.#host.lease?.release(this);
+    this.#releaseIfUnused();
   }
 
   /**
@@ -1226,6 +1424,8 @@ interface PgClient {
 }
 
 type AnyQuery = (sql: string, parameters?: unknown[], structured?: boolean) => Promise<unknown>;
+
+type TransactionMethod = "startTransaction" | "commitTransaction" | "rollbackTransaction";
 
 /**
  * Run the driver's `query` of `real` on `self` (the runner, or a view of it).

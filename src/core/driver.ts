@@ -92,3 +92,30 @@ const RECONNECTABLE = new Set(["PostgresQueryRunner", "MysqlQueryRunner"]);
 export function reconnectable(runner: QueryRunner): void {
   Object.assign(runner, { isReleased: false, databaseConnection: undefined, databaseConnectionPromise: undefined });
 }
+
+/**
+ * @internal Cancel the statement `runner`'s connection is running, from a connection
+ * of its own, where the driver can: PostgreSQL (`pg_cancel_backend`). A no-op elsewhere.
+ */
+export async function cancelStatement(dataSource: DataSource, runner: QueryRunner): Promise<void> {
+  if (familyOf(dataSource) !== "postgres") return;
+  const driver = dataSource.driver as unknown as {
+    postgres?: { Client: new (options: unknown) => PgClient };
+    master?: { options?: unknown };
+  };
+  const pid = (runner as unknown as { databaseConnection?: { processID?: number } }).databaseConnection?.processID;
+  if (driver.postgres === undefined || driver.master?.options === undefined || pid === undefined) return;
+  const client = new driver.postgres.Client(driver.master.options);
+  try {
+    await client.connect();
+    await client.query("SELECT pg_cancel_backend($1)", [pid]);
+  } finally {
+    await client.end().catch(() => undefined);
+  }
+}
+
+interface PgClient {
+  connect(): Promise<unknown>;
+  query(sql: string, parameters: unknown[]): Promise<unknown>;
+  end(): Promise<unknown>;
+}

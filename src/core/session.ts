@@ -3,7 +3,7 @@ import { PropagationError, SessionClosedError, SessionTimeoutError, TransactionN
 import type { Lease } from "./lease.js";
 import type { IsolationLevel } from "./options.js";
 import type { SessionRegistry } from "./registry.js";
-import { canReconnect, reconnectable } from "./driver.js";
+import { cancelStatement, canReconnect, reconnectable } from "./driver.js";
 import { sessionManager } from "./manager.js";
 import { queueOf } from "./statement-queue.js";
 import { type Frame, isWithin, lineage, type RequestEnd, storage } from "./scope.js";
@@ -506,7 +506,7 @@ export class Session {
     if (this.#state === CLOSED) return;
     this.#killed ??= reason;
     const killing = (async () => {
-      if (this.#inFlight.size > 0 && this.#host.family === "postgres") await this.#cancelStatement();
+      if (this.#inFlight.size > 0) await this.#cancelStatement();
       await this._runCallbacks(await this._close());
     })();
     // The blocks settle with this reason once the session is closed, whatever the
@@ -1377,21 +1377,10 @@ export class Session {
    * does not wait for it and the server does not keep working for nobody.
    */
   async #cancelStatement(): Promise<void> {
-    const driver = this.#host.dataSource.driver as unknown as {
-      postgres?: { Client: new (options: unknown) => PgClient };
-      master?: { options?: unknown };
-    };
-    const pid = (this.#real as unknown as { databaseConnection?: { processID?: number } }).databaseConnection
-      ?.processID;
-    if (driver.postgres === undefined || driver.master?.options === undefined || pid === undefined) return;
-    const client = new driver.postgres.Client(driver.master.options);
     try {
-      await client.connect();
-      await client.query("SELECT pg_cancel_backend($1)", [pid]);
+      await cancelStatement(this.#host.dataSource, this.#real!);
     } catch (error) {
       this.#host.reportError(this, error);
-    } finally {
-      await client.end().catch(() => undefined);
     }
   }
 
@@ -1417,12 +1406,6 @@ export class Session {
 }
 
 /** The part of node-postgres' Client used to cancel a statement. */
-interface PgClient {
-  connect(): Promise<unknown>;
-  query(sql: string, parameters: unknown[]): Promise<unknown>;
-  end(): Promise<unknown>;
-}
-
 type AnyQuery = (sql: string, parameters?: unknown[], structured?: boolean) => Promise<unknown>;
 
 type TransactionMethod = "startTransaction" | "commitTransaction" | "rollbackTransaction";

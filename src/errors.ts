@@ -39,7 +39,7 @@ export abstract class SessionError extends Error {
   abstract readonly code: SessionErrorCode;
 
   /** @hidden */
-  constructor(message: string, options?: ErrorOptions) {
+  constructor(message: string, options?: { cause?: unknown }) {
     super(message, options);
     this.name = new.target.name;
   }

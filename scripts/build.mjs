@@ -134,8 +134,9 @@ function writeWrappers(program, list) {
       .join("/");
     const cjs = `${path.startsWith(".") ? "" : "./"}${path}.js`;
     const js =
-      `${banner}import cjs from ${JSON.stringify(cjs)};\n\n` +
-      (names.length > 0 ? `export const { ${names.join(", ")} } = cjs;\n` : "");
+      // Named re-exports: Node finds them in the CommonJS module (cjs-module-lexer reads the
+      // `exports.x =` TypeScript emits), and bundlers map them without default-import interop.
+      `${banner}export { ${names.join(", ")} } from ${JSON.stringify(cjs)};\n`;
     const dts = `${banner}export * from ${JSON.stringify(cjs)};\n`;
     mkdirSync(dirname(join(root, "dist", name)), { recursive: true });
     writeFileSync(join(root, "dist", `${name}.js`), js);

@@ -113,7 +113,7 @@ function compileCommonJs() {
 function valueExports(program, source) {
   const checker = program.getTypeChecker();
   const file = program.getSourceFile(source);
-  if (!file) throw new Error(`${relative(root, source)} (named by package.json exports) is not in src/`);
+  if (!file) throw new Error(`${relative(root, source)} is missing: package.json exports name it`);
   return checker
     .getExportsOfModule(checker.getSymbolAtLocation(file))
     .filter((symbol) => {

@@ -233,6 +233,9 @@ export class Session {
    * ```
    */
   query<T = any>(sql: string, parameters?: unknown[]): Promise<T> {
+    // A `query` assigned on `s.queryRunner` (a spy, an APM wrapper) sees these too.
+    const assigned = this.#handler?.assigned("query");
+    if (assigned !== undefined) return Promise.resolve(assigned.call(this.#runner, sql, parameters) as T);
     return this.#statement(sql, parameters, false) as Promise<T>;
   }
 
@@ -1240,7 +1243,11 @@ export class Session {
     // The shared runner's query runs on this session's view, so that the events it
     // broadcasts (BeforeQuery, AfterQuery) carry this session's runner and manager even
     // while other sessions' statements run alongside.
-    const running = this.#send(() => runQuery(real, this.#runner!, sql, parameters, structured));
+    const running = this.#send(() => {
+      // Queued behind other sessions' statements: refused if this session was closed meanwhile.
+      this.#assertUsable(frame);
+      return runQuery(real, this.#runner!, sql, parameters, structured);
+    });
     this.#inFlight.add(running);
     try {
       return await running;
@@ -1343,7 +1350,7 @@ export class Session {
             await this.#transaction("startTransaction", [spec.isolation]);
             if (spec.readOnly) await this.#readOnly(true);
           } catch (error) {
-            await this.#undoBegin(real);
+            await this.#undoBegin(real, spec.readOnly && this.#host.family === "mysql");
             throw error;
           }
         }
@@ -1366,8 +1373,20 @@ export class Session {
     return handle;
   }
 
-  /** A BEGIN (or what followed it) failed: leave the connection as we found it. */
-  async #undoBegin(real: QueryRunner): Promise<void> {
+  /**
+   * A BEGIN (or what followed it) failed: leave the connection as we found it. On
+   * MySQL a `SET TRANSACTION READ ONLY` that went through would make the connection's
+   * next transaction read-only: `accessModeSet` resets it (or the connection is discarded).
+   */
+  async #undoBegin(real: QueryRunner, accessModeSet = false): Promise<void> {
+    if (accessModeSet && !real.isTransactionActive) {
+      try {
+        await this.#sendOwn("SET TRANSACTION READ WRITE");
+      } catch (error) {
+        await this.#discard(error);
+        return;
+      }
+    }
     if (real.isTransactionActive) {
       try {
         await this.#transaction("rollbackTransaction");

@@ -134,7 +134,7 @@ forEachBackend("explicit sessions: open(), close(), run(), await using", (backen
 
   it("refuses block options that do not apply, by name", async () => {
     for (const key of ["propagation", "savepoint", "durable", "retry"]) {
-      const error = await rejectionOf(reg.open({ [key]: key === "retry" ? 1 : true } as never));
+      const error = await rejectionOf(reg.open({ [key]: key === "retry" ? 1 : true }));
       expect(error).to.be.instanceOf(TypeError);
       expect((error as Error).message).to.contain(`\`${key}\` does not apply to open()`);
     }

@@ -288,7 +288,7 @@ describe("SessionRegistry", () => {
       expect(() => reg.on("open", "x" as never)).to.throw(TypeError);
     });
 
-    it("stats() counts sessions, the peak, commits and rollbacks", async () => {
+    it("stats() counts sessions, the peak, commits, rollbacks and statements", async () => {
       const reg = db.registry();
       await reg.withSession(() => undefined); // initialized
       const gate = deferred();
@@ -301,15 +301,17 @@ describe("SessionRegistry", () => {
       await reg.withTransaction(async () => undefined);
       await rejectionOf(reg.withTransaction(async () => Promise.reject(new Error("x"))));
       await reg.withTransaction(async () => reg.withTransaction(async () => undefined)); // savepoints do not count
+      await reg.withSession((s) => s.query("SELECT 1")); // BEGIN, COMMIT and ROLLBACK are not statements
       expect(reg.stats()).to.deep.equal({
         active: 0,
         peak: 3,
-        opened: 7,
-        closed: 7,
+        opened: 8,
+        closed: 8,
         commits: 2,
         rollbacks: 1,
         timeouts: 0,
         leaks: 0,
+        statements: 1,
       });
     });
   });

@@ -237,6 +237,8 @@ export class SessionRegistry {
   #timeouts = 0;
   #leaks = 0;
   #statements = 0;
+  /** Statements of closed sessions already in `#statements`, for those that reopen. */
+  #counted = new WeakMap<Session, number>();
   #leakDetectionMs: number | undefined;
   /** Open sessions, with their leak timers. */
   readonly #open = new Map<Session, { timer?: NodeJS.Timeout; leaked?: boolean }>();
@@ -592,7 +594,10 @@ export class SessionRegistry {
       rollbacks: this.#rollbacks,
       timeouts: this.#timeouts,
       leaks: this.#leaks,
-      statements: [...this.#open.keys()].reduce((sum, session) => sum + session.statements, this.#statements),
+      statements: [...this.#open.keys()].reduce(
+        (sum, session) => sum + session.statements - (this.#counted.get(session) ?? 0),
+        this.#statements,
+      ),
     };
   }
 
@@ -779,6 +784,13 @@ export class SessionRegistry {
       leases.set(dataSource, lease);
     }
     const family: DriverFamily = familyOf(dataSource);
+    const track = (session: Session): void => {
+      this.#opened += 1;
+      this.#active += 1;
+      if (this.#active > this.#peak) this.#peak = this.#active;
+      this.#open.set(session, this.#leakWatch(session));
+      this.#emit("open", session);
+    };
     const host = {
       dataSource,
       family,
@@ -789,12 +801,13 @@ export class SessionRegistry {
       createSession: (name: string | undefined): Session => {
         host.assertOpen();
         const session = Session._create(this, host, name);
-        this.#opened += 1;
-        this.#active += 1;
-        if (this.#active > this.#peak) this.#peak = this.#active;
-        this.#open.set(session, this.#leakWatch(session));
-        this.#emit("open", session);
+        track(session);
         return session;
+      },
+      reopened: (session: Session): boolean => {
+        if (this.#draining) return false;
+        track(session);
+        return true;
       },
       timedOut: (session: Session, durationMs: number): void => {
         this.#timeouts += 1;
@@ -814,8 +827,10 @@ export class SessionRegistry {
         this.#open.delete(session);
         this.#active -= 1;
         this.#closed += 1;
-        this.#statements += session.statements;
         const statements = session.statements;
+        // A reopened request session closes again: count only what it ran since.
+        this.#statements += statements - (this.#counted.get(session) ?? 0);
+        this.#counted.set(session, statements);
         this.#emit(
           "close",
           session,

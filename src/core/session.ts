@@ -78,6 +78,8 @@ export interface SessionHost {
   emit(event: "connect" | "begin" | "commit" | "rollback" | "close", session: Session, extra?: object): void;
   reportError(session: Session, error: unknown): void;
   closed(session: Session, durationMs: number): void;
+  /** A closed request session is used again: count it as open; false while the registry drains. */
+  reopened(session: Session): boolean;
 }
 
 const OPEN = 0;
@@ -122,7 +124,7 @@ export class Session {
   readonly registry: SessionRegistry;
 
   readonly #host: SessionHost;
-  readonly #openedAt = performance.now();
+  #openedAt = performance.now();
   #state = OPEN;
   /** Frame that runs the final COMMIT/ROLLBACK: its work is allowed while closing. */
   #closer: Frame | undefined;
@@ -166,6 +168,8 @@ export class Session {
   readonly #pending = new Set<PropertyKey>();
   /** A request's session once its request is over: it closes as soon as nothing of it runs. */
   #requestOver: RequestEnd | undefined;
+  /** Closed (or closing) only because its request was over and nothing of it ran: it may reopen. */
+  #idleClosed = false;
   /** Set on a session from `open()`, which its caller closes: stops its timeout. */
   #callerOwned: (() => void) | undefined;
   /** Blocks of an ended request still running on this session. */
@@ -482,6 +486,7 @@ export class Session {
   _usableFrom(frame: Frame | undefined): boolean {
     if (this.#broken !== undefined) return false;
     if (this.#state === OPEN) return true;
+    if (this.#state === CLOSED && this.#idleClosed) return this.#reopen();
     return this.#state === CLOSING && this.#closer !== undefined && isWithin(frame, this.#closer);
   }
 
@@ -506,6 +511,8 @@ export class Session {
    * Waits while another block of this session owns the open transaction.
    */
   _enter(frame: Frame | undefined, spec: LevelSpec): Promise<LevelHandle> {
+    const reopening = this.#reopening();
+    if (reopening !== undefined) return reopening.then(() => this._enter(frame, spec));
     if (!this._usableFrom(frame)) return Promise.reject(this.#closedError());
     if (this.#mayRun(frame)) {
       try {
@@ -637,6 +644,7 @@ export class Session {
   async _kill(reason: Error): Promise<void> {
     if (this.#state === CLOSED) return;
     this.#killed ??= reason;
+    this.#idleClosed = false;
     const killing = (async () => {
       if (this.#inFlight.size > 0) await this.#cancelStatement();
       await this._runCallbacks(await this._close());
@@ -714,7 +722,39 @@ export class Session {
     ) {
       return;
     }
+    this.#idleClosed = true;
     if (!this._closeIdle()) void this._close().then((callbacks) => this._runCallbacks(callbacks));
+  }
+
+  /**
+   * A request's session that closed once idle, after its request was over, is used
+   * again through a reference kept from before (`const s = currentSession()` in a
+   * handler that goes on after the client left): like SQLAlchemy's Session after
+   * `close()`, it starts afresh, and closes again as soon as that work is done. Not
+   * after a timeout, a drain or a discarded connection.
+   */
+  #reopen(): boolean {
+    const real = this.#real;
+    const pooled = real !== undefined && this.#host.lease === undefined;
+    if (pooled && this.#connected !== false && !canReconnect(real)) return false;
+    if (!this.#host.reopened(this)) return false;
+    if (pooled && this.#connected !== false) {
+      reconnectable(real);
+      this.#connected = false;
+    }
+    this.#idleClosed = false;
+    this.#state = OPEN;
+    this.#closing = undefined;
+    this.#closer = undefined;
+    this.#openedAt = performance.now();
+    // Nothing may keep it open now: close it again once this use is over.
+    setImmediate(() => this.#closeIfIdle());
+    return true;
+  }
+
+  /** The session is closing only because its request is over and it was idle: wait for that, then reopen. */
+  #reopening(): Promise<void> | undefined {
+    return this.#state === CLOSING && this.#idleClosed ? this.#closing!.then(() => undefined) : undefined;
   }
 
   /** @internal Whether the session is still waiting for its connection (the pool, or SQLite's lease). */
@@ -1196,6 +1236,8 @@ export class Session {
 
   async #statement(sql: string, parameters: unknown[] | undefined, structured: boolean): Promise<unknown> {
     const frame = storage.getStore();
+    const reopening = this.#reopening();
+    if (reopening !== undefined) await reopening;
     if (this.#real === undefined) this.#createRunner();
     const real = this.#real!;
     const lease = this.#host.lease;

@@ -4,9 +4,11 @@ import type { ClientRequest } from "node:http";
 import { createRequire } from "node:module";
 import { expect } from "chai";
 import express, { type Express } from "express";
+import Koa from "koa";
 import type { DataSource } from "typeorm";
 import type { SessionRegistry } from "../src/index.js";
 import { sessionMiddleware } from "../src/integrations/express.js";
+import { koaSession } from "../src/integrations/koa.js";
 import { type Backend, connectionsInUse, forEachBackend, type TestDb } from "./support/backends.js";
 import { Note } from "./support/entities.js";
 import { idle, listen, send, within } from "./support/http.js";
@@ -210,4 +212,61 @@ forEachBackend("request lifetime", (backend: Backend) => {
       });
     });
   }
+
+  describe("Koa", () => {
+    let db: TestDb;
+    let reg: SessionRegistry;
+    let server: { port: number; close: () => Promise<void> } | undefined;
+    let watch: ReturnType<typeof watchCrashes>;
+    beforeEach(async () => {
+      db = await backend.open();
+      reg = db.registry();
+      watch = watchCrashes();
+    });
+    afterEach(async () => {
+      watch.stop();
+      await server?.close();
+      server = undefined;
+      await db.dispose();
+    });
+
+    it("a client gone while downstream's transaction runs: it commits whole, downstream goes on, no crash, no leak", async () => {
+      const notes = reg.getRepository(Note);
+      const inside = deferred();
+      const gone = deferred();
+      const handled = deferred<number>();
+      const app = new Koa();
+      app.silent = true;
+      app.use(koaSession({ registry: reg }));
+      app.use(async (ctx) => {
+        if (ctx.path === "/count") {
+          ctx.body = { count: await notes.count() };
+          return;
+        }
+        ctx.req.socket.on("close", () => gone.resolve());
+        await reg.withTransaction(async () => {
+          await notes.save({ body: "koa 1" });
+          inside.resolve();
+          await gone.promise;
+          await notes.save({ body: "koa 2" });
+        });
+        await notes.save({ body: "koa after" });
+        handled.resolve(await notes.countBy({ body: "koa 2" }));
+        ctx.body = { ok: true };
+      });
+      server = await listen(app.callback());
+      let client: ClientRequest | undefined;
+      const reply = send(server.port, "/work", { method: "POST", sent: (req) => (client = req) }).catch(
+        (e: unknown) => e,
+      );
+      await within(inside.promise, "downstream's transaction to start");
+      client!.destroy();
+      expect(await reply).to.be.an("error");
+      expect(await within(handled.promise, "downstream to finish")).to.equal(1);
+      expect(await send(server.port, "/count")).to.deep.equal({ status: 200, body: '{"count":3}' });
+      await idle(reg);
+      expect(connectionsInUse(reg.dataSource!)).to.equal(0);
+      expect(watch.crashes).to.deep.equal([]);
+    });
+  });
 });

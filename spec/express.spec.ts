@@ -106,6 +106,31 @@ forEachBackend("express: sessionMiddleware", (backend: Backend) => {
     expect(connectionsInUse(reg.dataSource!)).to.equal(0);
   });
 
+  it("a transaction opened by hand and never ended keeps its session: reported as a leak, rolled back by drain()", async () => {
+    const leaky = createSessionRegistry({ name: "leaky", dataSource: db.dataSource(), leakDetectionMs: 200 });
+    const leaked = deferred<number>();
+    leaky.on("leak", (e) => leaked.resolve(e.session.id));
+    const { log } = recordEvents(leaky);
+    const forgetful = express();
+    forgetful.use(sessionMiddleware({ registry: leaky }));
+    forgetful.post("/forgetful", async (_req, res) => {
+      const s = currentSession(leaky);
+      await s.begin();
+      await s.getRepository(Note).save({ body: "never committed" });
+      res.json({ session: s.id }); // no commit, no rollback
+    });
+    server = await listen(forgetful);
+    const { session } = JSON.parse((await send(server.port, "/forgetful", { method: "POST" })).body) as {
+      session: number;
+    };
+    expect(await within(leaked.promise, "the leak report")).to.equal(session);
+    expect(leaky.stats().active).to.equal(1);
+    expect(await within(leaky.drain({ timeoutMs: 100 }), "drain()")).to.deep.equal({ waited: 0, forced: 1 });
+    expect(log).to.include.members([`rollback#${session}`, `close#${session}`]);
+    expect(await count("never committed")).to.equal(0);
+    expect(connectionsInUse(leaky.dataSource!)).to.equal(0);
+  });
+
   it("a Session kept past a client's disconnect rejects saying so; the proxies go on with a new session", async () => {
     const { log } = recordEvents(reg);
     const first = deferred<number>();

@@ -6,6 +6,7 @@ import Koa from "koa";
 import type { TaskContext } from "node-cron";
 import {
   type DrainResult,
+  openSession,
   RegistryClosedError,
   type SessionRegistry,
   Transactional,
@@ -68,6 +69,8 @@ forEachBackend("drain: every entry point refuses work once drain() has begun", (
 
   it("registry.scope() and registry.detached()", async () => {
     await refused(reg.scope(() => ran.push("scope")));
+    await refused(reg.open());
+    await refused(openSession({ registry: reg }));
     await refused(reg.detached(() => ran.push("detached")));
   });
 

@@ -7,7 +7,6 @@ import {
   NoActiveSessionError,
   RegistryNotConfiguredError,
   type Session,
-  SessionClosedError,
   type SessionRegistry,
   tryCurrentSession,
 } from "../src/index.js";
@@ -131,7 +130,7 @@ forEachBackend("express: sessionMiddleware", (backend: Backend) => {
     expect(connectionsInUse(leaky.dataSource!)).to.equal(0);
   });
 
-  it("a Session kept past a client's disconnect rejects saying so; the proxies go on with a new session", async () => {
+  it("a Session kept past a client's disconnect works again (and closes again); the proxies go on with a new session", async () => {
     const { log } = recordEvents(reg);
     const first = deferred<number>();
     const after = deferred<{ kept: unknown; count: number; session: number }>();
@@ -152,9 +151,7 @@ forEachBackend("express: sessionMiddleware", (backend: Backend) => {
     client!.destroy();
     expect(await reply).to.be.an("error"); // socket hang up
     const seen = await within(after.promise, "the handler to go on");
-    expect(seen.kept).to.be.instanceOf(SessionClosedError);
-    expect(seen.kept).to.include({ reason: "client-disconnected" });
-    expect((seen.kept as Error).message).to.match(/the client disconnected/);
+    expect(seen.kept).to.have.length(1);
     expect(seen.count).to.equal(0);
     expect(seen.session).to.not.equal(session);
     await idle(reg);

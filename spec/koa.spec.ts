@@ -7,7 +7,6 @@ import {
   NoActiveSessionError,
   RegistryNotConfiguredError,
   type Session,
-  SessionClosedError,
   type SessionRegistry,
   tryCurrentSession,
 } from "../src/index.js";
@@ -98,7 +97,7 @@ forEachBackend("koa: koaSession", (backend: Backend) => {
     expect(connectionsInUse(reg.dataSource!)).to.equal(0);
   });
 
-  it("a Session kept past a client's disconnect rejects saying so; the proxies go on with a new session", async () => {
+  it("a Session kept past a client's disconnect works again (and closes again); the proxies go on with a new session", async () => {
     const { log } = recordEvents(reg);
     const first = deferred<number>();
     const after = deferred<{ kept: unknown; count: number; session: number }>();
@@ -118,9 +117,7 @@ forEachBackend("koa: koaSession", (backend: Backend) => {
     client!.destroy();
     expect(await reply).to.be.an("error"); // socket hang up
     const seen = await within(after.promise, "downstream to go on");
-    expect(seen.kept).to.be.instanceOf(SessionClosedError);
-    expect(seen.kept).to.include({ reason: "client-disconnected" });
-    expect((seen.kept as Error).message).to.match(/the client disconnected/);
+    expect(seen.kept).to.have.length(1);
     expect(seen.count).to.equal(0);
     expect(seen.session).to.not.equal(session);
     await idle(reg);

@@ -1,0 +1,241 @@
+import "reflect-metadata";
+import type { Server } from "node:http";
+import type { AddressInfo } from "node:net";
+import {
+  Body,
+  Controller,
+  Get,
+  HttpException,
+  Inject,
+  Injectable,
+  type INestApplication,
+  Module,
+  Post,
+} from "@nestjs/common";
+import { NestFactory } from "@nestjs/core";
+import { FastifyAdapter } from "@nestjs/platform-fastify";
+import { InjectRepository, TypeOrmModule } from "@nestjs/typeorm";
+import { expect } from "chai";
+import { Column, DataSource, type DataSourceOptions, Entity, PrimaryGeneratedColumn, Repository } from "typeorm";
+import {
+  currentSession,
+  defaultRegistry,
+  RegistryClosedError,
+  SessionRegistry,
+  Transactional,
+  withSession,
+} from "../src/index.js";
+import { InjectSessionRepository, SessionModule } from "../src/integrations/nestjs.js";
+import { type Backend, forEachBackend, type TestDb } from "./support/backends.js";
+import { idle, send } from "./support/http.js";
+import { rejectionOf } from "./support/util.js";
+
+@Entity("cats")
+class Cat {
+  @PrimaryGeneratedColumn()
+  id!: number;
+
+  @Column("text")
+  name!: string;
+}
+
+/** A repository made by a plain factory provider: the registry's proxy, created at start-up. */
+const CAT_PROXY = "CAT_PROXY";
+
+@Injectable()
+class CatsService {
+  readonly cats: Repository<Cat>;
+  readonly plainCats: Repository<Cat>;
+
+  constructor(@InjectSessionRepository(Cat) cats: Repository<Cat>, @InjectRepository(Cat) plainCats: Repository<Cat>) {
+    this.cats = cats;
+    this.plainCats = plainCats;
+  }
+
+  @Transactional()
+  async adopt(name: string): Promise<{ id: number; session: number }> {
+    const cat = await this.cats.save({ name });
+    return { id: cat.id, session: currentSession().id };
+  }
+
+  @Transactional()
+  async adoptThenFail(name: string): Promise<never> {
+    await this.cats.save({ name });
+    throw new HttpException("no room for another cat", 409);
+  }
+
+  /** The mistake the warning is about: a repository bound to dataSource.manager inside a transaction. */
+  @Transactional()
+  async adoptOutside(name: string): Promise<void> {
+    await this.cats.save({ name: `${name} (inside)` });
+    await this.plainCats.save({ name });
+  }
+}
+
+@Controller("cats")
+class CatsController {
+  readonly #service: CatsService;
+  readonly #proxy: Repository<Cat>;
+
+  constructor(service: CatsService, @Inject(CAT_PROXY) proxy: Repository<Cat>) {
+    this.#service = service;
+    this.#proxy = proxy;
+  }
+
+  @Get("session")
+  async session(): Promise<{ session: number; count: number }> {
+    const session = currentSession().id;
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    return { session, count: await this.#proxy.count() };
+  }
+
+  @Post()
+  adopt(@Body() body: { name: string }): Promise<{ id: number; session: number }> {
+    return this.#service.adopt(body.name);
+  }
+
+  @Post("fail")
+  fail(@Body() body: { name: string }): Promise<never> {
+    return this.#service.adoptThenFail(body.name);
+  }
+
+  @Post("outside")
+  async outside(@Body() body: { name: string }): Promise<{ ok: true }> {
+    await this.#service.adoptOutside(body.name);
+    return { ok: true };
+  }
+}
+
+@Module({
+  imports: [SessionModule.forFeature([Cat]), TypeOrmModule.forFeature([Cat])],
+  controllers: [CatsController],
+  providers: [CatsService, { provide: CAT_PROXY, useFactory: () => defaultRegistry.getRepository(Cat) }],
+})
+class CatsModule {}
+
+function appModule(options: DataSourceOptions): new () => unknown {
+  @Module({
+    imports: [
+      TypeOrmModule.forRoot({ ...options, entities: [Cat], synchronize: true }),
+      SessionModule.forRootAsync({ useFactory: (ds: DataSource) => ({ dataSource: ds }), inject: [DataSource] }),
+      CatsModule,
+    ],
+  })
+  class AppModule {}
+  return AppModule;
+}
+
+const platforms = {
+  express: () => undefined,
+  fastify: () => new FastifyAdapter(),
+} as const;
+
+let names = 0;
+
+/** The TSS_OUTSIDE_TRANSACTION warnings emitted while `fn` runs (they are emitted on the next tick). */
+async function warningsDuring(fn: () => Promise<void>): Promise<Error[]> {
+  const warnings: Error[] = [];
+  const listener = (warning: Error): void => {
+    if ((warning as Error & { code?: string }).code === "TSS_OUTSIDE_TRANSACTION") warnings.push(warning);
+  };
+  process.on("warning", listener);
+  try {
+    await fn();
+    await new Promise<void>((resolve) => setImmediate(resolve));
+  } finally {
+    process.off("warning", listener);
+  }
+  return warnings;
+}
+
+for (const [platform, adapter] of Object.entries(platforms)) {
+  forEachBackend(`nestjs: SessionModule on ${platform}`, (backend: Backend) => {
+    let db: TestDb;
+    let app: INestApplication | undefined;
+    let port: number;
+    let name: string;
+    beforeEach(async () => {
+      db = await backend.open();
+      name = `cat ${++names}`;
+      const module = appModule(db.dataSource().options);
+      const platformAdapter = adapter();
+      app =
+        platformAdapter === undefined
+          ? await NestFactory.create(module, { logger: false, abortOnError: false })
+          : await NestFactory.create(module, platformAdapter, { logger: false, abortOnError: false });
+      await app.listen(0, "127.0.0.1");
+      port = ((app.getHttpServer() as Server).address() as AddressInfo).port;
+    });
+    afterEach(async () => {
+      await app?.close();
+      app = undefined;
+      await db.dispose();
+    });
+
+    /** How many cats with this name, read on a connection of its own. */
+    const count = async (catName: string): Promise<number> => {
+      const fresh = db.dataSource({ entities: [Cat] });
+      await fresh.initialize();
+      try {
+        return await fresh.getRepository(Cat).countBy({ name: catName });
+      } finally {
+        await fresh.destroy();
+      }
+    };
+
+    it("makes the registry injectable and gives each request its own session in the controller", async () => {
+      expect(app!.get(SessionRegistry)).to.equal(defaultRegistry);
+      const replies = await Promise.all([send(port, "/cats/session"), send(port, "/cats/session")]);
+      const bodies = replies.map((r) => JSON.parse(r.body) as { session: number; count: number });
+      expect(replies.map((r) => r.status)).to.deep.equal([200, 200]);
+      expect(bodies[0]!.session).to.be.a("number").and.not.equal(bodies[1]!.session);
+      await idle(defaultRegistry);
+    });
+
+    it("a @Transactional service on an InjectSessionRepository repository commits a POST", async () => {
+      const reply = await send(port, "/cats", { method: "POST", json: { name } });
+      expect(reply.status).to.equal(201);
+      await idle(defaultRegistry);
+      expect(await count(name)).to.equal(1);
+    });
+
+    it("a method that saves then throws is rolled back: the row is absent from a fresh connection", async () => {
+      const reply = await send(port, "/cats/fail", { method: "POST", json: { name } });
+      expect(reply.status).to.equal(409);
+      expect(JSON.parse(reply.body)).to.include({ message: "no room for another cat" });
+      await idle(defaultRegistry);
+      expect(await count(name)).to.equal(0);
+      expect(defaultRegistry.stats().active).to.equal(0);
+    });
+
+    it("warns, once per call site, when an @InjectRepository repository runs inside a @Transactional method", async () => {
+      const warnings = await warningsDuring(async () => {
+        for (let i = 0; i < 2; i++) {
+          expect((await send(port, "/cats/outside", { method: "POST", json: { name } })).status).to.equal(201);
+        }
+      });
+      expect(warnings).to.have.length(1);
+      expect(warnings[0]!.message).to.include("outside the transaction");
+      expect(warnings[0]!.message).to.include("InjectSessionRepository");
+      expect(warnings[0]!.message).to.match(/ at CatsService\.adoptOutside \(.*nestjs\.spec\.js:\d+:\d+\)/);
+      expect(await count(`${name} (inside)`)).to.equal(2);
+    });
+
+    it("does not warn about the session's own statements and repositories", async () => {
+      const warnings = await warningsDuring(async () => {
+        expect((await send(port, "/cats", { method: "POST", json: { name } })).status).to.equal(201);
+        expect((await send(port, "/cats/fail", { method: "POST", json: { name } })).status).to.equal(409);
+        expect((await send(port, "/cats/session")).status).to.equal(200);
+      });
+      expect(warnings).to.deep.equal([]);
+    });
+
+    it("drains the registry when the application closes", async () => {
+      await send(port, "/cats", { method: "POST", json: { name } });
+      await app!.close();
+      app = undefined;
+      expect(await rejectionOf(withSession(() => 1))).to.be.instanceOf(RegistryClosedError);
+      expect(defaultRegistry.stats().active).to.equal(0);
+    });
+  });
+}

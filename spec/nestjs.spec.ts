@@ -3,7 +3,10 @@ import type { Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import {
   Body,
+  type CanActivate,
   Controller,
+  type DynamicModule,
+  type ExecutionContext,
   Get,
   HttpException,
   Inject,
@@ -11,6 +14,8 @@ import {
   type INestApplication,
   Module,
   Post,
+  Req,
+  UseGuards,
 } from "@nestjs/common";
 import { NestFactory } from "@nestjs/core";
 import { FastifyAdapter } from "@nestjs/platform-fastify";
@@ -27,6 +32,7 @@ import {
 } from "../src/index.js";
 import { InjectSessionRepository, SessionModule } from "../src/integrations/nestjs.js";
 import { type Backend, forEachBackend, type TestDb } from "./support/backends.js";
+import { TempSqlite } from "./support/sqlite.js";
 import { idle, send } from "./support/http.js";
 import { rejectionOf } from "./support/util.js";
 
@@ -72,6 +78,15 @@ class CatsService {
   }
 }
 
+/** Guards run inside the request's scope: this one creates the session the handler then uses. */
+@Injectable()
+class SessionGuard implements CanActivate {
+  canActivate(context: ExecutionContext): boolean {
+    context.switchToHttp().getRequest<{ guardSession?: number }>().guardSession = currentSession().id;
+    return true;
+  }
+}
+
 @Controller("cats")
 class CatsController {
   readonly #service: CatsService;
@@ -83,10 +98,11 @@ class CatsController {
   }
 
   @Get("session")
-  async session(): Promise<{ session: number; count: number }> {
+  @UseGuards(SessionGuard)
+  async session(@Req() req: { guardSession?: number }): Promise<{ session: number; guard?: number; count: number }> {
     const session = currentSession().id;
     await new Promise((resolve) => setTimeout(resolve, 5));
-    return { session, count: await this.#proxy.count() };
+    return { session, guard: req.guardSession, count: await this.#proxy.count() };
   }
 
   @Post()
@@ -186,9 +202,10 @@ for (const [platform, adapter] of Object.entries(platforms)) {
     it("makes the registry injectable and gives each request its own session in the controller", async () => {
       expect(app!.get(SessionRegistry)).to.equal(defaultRegistry);
       const replies = await Promise.all([send(port, "/cats/session"), send(port, "/cats/session")]);
-      const bodies = replies.map((r) => JSON.parse(r.body) as { session: number; count: number });
+      const bodies = replies.map((r) => JSON.parse(r.body) as { session: number; guard: number; count: number });
       expect(replies.map((r) => r.status)).to.deep.equal([200, 200]);
       expect(bodies[0]!.session).to.be.a("number").and.not.equal(bodies[1]!.session);
+      for (const body of bodies) expect(body.guard).to.equal(body.session);
       await idle(defaultRegistry);
     });
 
@@ -239,3 +256,109 @@ for (const [platform, adapter] of Object.entries(platforms)) {
     });
   });
 }
+
+describe("nestjs: SessionModule options", () => {
+  let db: TestDb;
+  let app: INestApplication | undefined;
+  beforeEach(async () => {
+    db = new TempSqlite();
+  });
+  afterEach(async () => {
+    await app?.close();
+    app = undefined;
+    await db.dispose();
+  });
+
+  @Controller("who")
+  class WhoController {
+    readonly #registry: SessionRegistry;
+    constructor(registry: SessionRegistry) {
+      this.#registry = registry;
+    }
+
+    @Get()
+    async who(): Promise<{ session: number; one: number }> {
+      const s = this.#registry.current();
+      const [row] = await s.query<{ one: number }[]>("SELECT 1 AS one");
+      return { session: s.id, one: Number(row!.one) };
+    }
+  }
+
+  const start = async (imports: DynamicModule[], platform: "express" | "fastify" = "express") => {
+    @Module({ imports, controllers: [WhoController] })
+    class AppModule {}
+    app =
+      platform === "express"
+        ? await NestFactory.create(AppModule, { logger: false, abortOnError: false })
+        : await NestFactory.create(AppModule, new FastifyAdapter(), { logger: false, abortOnError: false });
+    await app.listen(0, "127.0.0.1");
+    return ((app.getHttpServer() as Server).address() as AddressInfo).port;
+  };
+
+  for (const platform of ["express", "fastify"] as const) {
+    it(`forRoot({ registry }) on ${platform}: that registry is injected, scopes requests, and is drained but its DataSource kept`, async () => {
+      const reg = db.registry("nest");
+      const port = await start([SessionModule.forRoot({ registry: reg })], platform);
+      expect(app!.get(SessionRegistry)).to.equal(reg);
+      const replies = await Promise.all([send(port, "/who"), send(port, "/who")]);
+      const sessions = replies.map((r) => (JSON.parse(r.body) as { session: number }).session);
+      expect(new Set(sessions).size).to.equal(2);
+      await idle(reg);
+      expect(reg.stats()).to.include({ opened: 2, closed: 2, active: 0 });
+      const dataSource = reg.dataSource!;
+      await app!.close();
+      app = undefined;
+      expect(await rejectionOf(reg.withSession(() => 1))).to.be.instanceOf(RegistryClosedError);
+      expect(dataSource.isInitialized).to.equal(true); // the application's own: it destroys it
+    });
+  }
+
+  it("forRoot({ url, ... }) configures defaultRegistry, initializes it at start-up and destroys its DataSource on close", async () => {
+    const path = (db as unknown as { path: string }).path;
+    await start([SessionModule.forRoot({ url: `sqlite:${path}`, entities: [Cat], synchronize: true })]);
+    expect(app!.get(SessionRegistry)).to.equal(defaultRegistry);
+    const dataSource = defaultRegistry.dataSource!;
+    expect(dataSource.isInitialized).to.equal(true);
+    await defaultRegistry.withTransaction((s) => s.getRepository(Cat).save({ name: "configured" }));
+    await app!.close();
+    app = undefined;
+    expect(dataSource.isInitialized).to.equal(false);
+  });
+
+  it("@Transactional providers work outside requests too: a method called at start-up opens its own session", async () => {
+    @Injectable()
+    class Seeder {
+      @Transactional()
+      async seed(): Promise<number> {
+        const s = currentSession();
+        await s.getRepository(Cat).save({ name: "seeded" });
+        return s.id;
+      }
+    }
+    @Module({
+      imports: [
+        TypeOrmModule.forRoot({ ...db.dataSource().options, entities: [Cat], synchronize: true }),
+        SessionModule.forRootAsync({ useFactory: (ds: DataSource) => ({ dataSource: ds }), inject: [DataSource] }),
+      ],
+      providers: [Seeder],
+    })
+    class SeedModule {}
+    const context = await NestFactory.createApplicationContext(SeedModule, { logger: false, abortOnError: false });
+    try {
+      expect(await context.get(Seeder).seed()).to.be.a("number");
+      expect(defaultRegistry.stats().active).to.equal(0);
+      expect(await defaultRegistry.withSession((s) => s.getRepository(Cat).countBy({ name: "seeded" }))).to.equal(1);
+    } finally {
+      await context.close();
+    }
+  });
+
+  it("rejects invalid options: at start-up for forRoot, at once for forRootAsync and forFeature", async () => {
+    const error = await rejectionOf(start([SessionModule.forRoot({ registry: {} as SessionRegistry })]));
+    expect(error).to.be.instanceOf(TypeError);
+    expect((error as Error).message).to.match(/`registry` to be a SessionRegistry/);
+    app = undefined;
+    expect(() => SessionModule.forRootAsync({} as never)).to.throw(TypeError, /useFactory/);
+    expect(() => SessionModule.forFeature(Cat as never)).to.throw(TypeError, /array of entities/);
+  });
+});

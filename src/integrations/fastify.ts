@@ -8,7 +8,14 @@ import type { SessionRegistry } from "../core/registry.js";
 import { registryOption } from "./http.js";
 import { enterRequestScope } from "./node-request.js";
 
-/** Options of {@link fastifySession}. */
+/**
+ * Options of {@link fastifySession}.
+ *
+ * @example
+ * ```ts
+ * await app.register(fastifySession, { registry: db } satisfies FastifySessionOptions);
+ * ```
+ */
 export interface FastifySessionOptions {
   /**
    * The registry whose scope each request runs in.

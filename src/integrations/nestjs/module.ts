@@ -23,7 +23,14 @@ import { enterRequestScope } from "../node-request.js";
 import { watchOutsideTransaction } from "./outside-transaction.js";
 import { getSessionRepositoryToken } from "./repository.js";
 
-/** What `SessionModule` does besides giving the registry, whichever way it gets one. */
+/**
+ * What `SessionModule` does besides giving the registry, whichever way it gets one.
+ *
+ * @example
+ * ```ts
+ * SessionModule.forRoot({ registry: db, drain: { timeoutMs: 5_000 }, warnOutsideTransaction: false });
+ * ```
+ */
 export interface SessionModuleBehaviour {
   /**
    * How to drain the registry when the application shuts down (`app.close()`, or a
@@ -45,7 +52,18 @@ export interface SessionModuleBehaviour {
   warnOutsideTransaction?: boolean;
 }
 
-/** Use this registry (`createSessionRegistry(...)`) rather than `defaultRegistry`. */
+/**
+ * Use this registry (`createSessionRegistry(...)`) rather than `defaultRegistry`.
+ * Decorated methods then name it: `@Transactional({ registry: db })`.
+ *
+ * @example
+ * ```ts
+ * export const db = createSessionRegistry({ url: process.env.DATABASE_URL!, entities: [Cat], name: "main" });
+ *
+ * @Module({ imports: [SessionModule.forRoot({ registry: db })] })
+ * export class AppModule {}
+ * ```
+ */
 export interface SessionModuleRegistryOptions extends SessionModuleBehaviour {
   /** The registry whose scope each request runs in, injectable as `SessionRegistry`. */
   registry: SessionRegistry;
@@ -64,7 +82,18 @@ export interface SessionModuleRegistryOptions extends SessionModuleBehaviour {
  */
 export type SessionModuleOptions = (SessionRegistryOptions & SessionModuleBehaviour) | SessionModuleRegistryOptions;
 
-/** Options of `SessionModule.forRootAsync()`: a factory of {@link SessionModuleOptions} and what it needs. */
+/**
+ * Options of `SessionModule.forRootAsync()`: a factory of {@link SessionModuleOptions} and what it needs.
+ *
+ * @example
+ * ```ts
+ * SessionModule.forRootAsync({
+ *   imports: [ConfigModule],
+ *   inject: [ConfigService],
+ *   useFactory: (config: ConfigService) => ({ url: config.getOrThrow<string>("DATABASE_URL"), entities: [Cat] }),
+ * });
+ * ```
+ */
 export interface SessionModuleAsyncOptions {
   /** Modules that export what `inject` names (global modules, such as `TypeOrmModule`'s, need not be listed). */
   imports?: ModuleMetadata["imports"];

@@ -1,5 +1,5 @@
 import "reflect-metadata";
-import type { Server } from "node:http";
+import type { ClientRequest, Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import {
   Body,
@@ -33,8 +33,8 @@ import {
 import { InjectSessionRepository, SessionModule } from "../src/integrations/nestjs.js";
 import { type Backend, forEachBackend, type TestDb } from "./support/backends.js";
 import { TempSqlite } from "./support/sqlite.js";
-import { idle, send } from "./support/http.js";
-import { rejectionOf } from "./support/util.js";
+import { idle, send, within } from "./support/http.js";
+import { deferred, rejectionOf } from "./support/util.js";
 
 @Entity("cats")
 class Cat {
@@ -44,6 +44,9 @@ class Cat {
   @Column("text")
   name!: string;
 }
+
+/** Lets a test hold a request inside its transaction: `entered` once the row is saved, then waits for `release`. */
+let gate = { entered: deferred<number>(), release: deferred() };
 
 /** A repository made by a plain factory provider: the registry's proxy, created at start-up. */
 const CAT_PROXY = "CAT_PROXY";
@@ -68,6 +71,13 @@ class CatsService {
   async adoptThenFail(name: string): Promise<never> {
     await this.cats.save({ name });
     throw new HttpException("no room for another cat", 409);
+  }
+
+  @Transactional()
+  async adoptSlowly(name: string): Promise<void> {
+    await this.cats.save({ name });
+    gate.entered.resolve(currentSession().id);
+    await gate.release.promise;
   }
 
   /** The mistake the warning is about: a repository bound to dataSource.manager inside a transaction. */
@@ -113,6 +123,12 @@ class CatsController {
   @Post("fail")
   fail(@Body() body: { name: string }): Promise<never> {
     return this.#service.adoptThenFail(body.name);
+  }
+
+  @Post("slow")
+  async slow(@Body() body: { name: string }): Promise<{ ok: true }> {
+    await this.#service.adoptSlowly(body.name);
+    return { ok: true };
   }
 
   @Post("outside")
@@ -245,6 +261,29 @@ for (const [platform, adapter] of Object.entries(platforms)) {
         expect((await send(port, "/cats/session")).status).to.equal(200);
       });
       expect(warnings).to.deep.equal([]);
+    });
+
+    it("a client that goes away mid-request crashes nothing; the method ends as its body says and nothing leaks", async () => {
+      gate = { entered: deferred<number>(), release: deferred() };
+      const closed = deferred<number>();
+      const onClose = ({ session }: { session: { id: number } }): void => closed.resolve(session.id);
+      let client: ClientRequest | undefined;
+      const reply = send(port, "/cats/slow", { method: "POST", json: { name }, sent: (r) => (client = r) }).catch(
+        (e: unknown) => e,
+      );
+      const session = await within(gate.entered.promise, "the method to save its row");
+      client!.destroy();
+      expect(await reply).to.be.an("error"); // socket hang up
+      defaultRegistry.on("close", onClose);
+      gate.release.resolve();
+      try {
+        expect(await within(closed.promise, "the request's session to close")).to.equal(session);
+      } finally {
+        defaultRegistry.off("close", onClose);
+      }
+      await idle(defaultRegistry);
+      expect(await count(name)).to.equal(1); // the method's body completed: it committed
+      expect(defaultRegistry.stats().active).to.equal(0);
     });
 
     it("drains the registry when the application closes", async () => {

@@ -323,13 +323,14 @@ describe("nestjs: SessionModule options", () => {
     }
   }
 
-  const start = async (imports: DynamicModule[], platform: "express" | "fastify" = "express") => {
+  const start = async (imports: DynamicModule[], platform: "express" | "fastify" = "express", prefix?: string) => {
     @Module({ imports, controllers: [WhoController] })
     class AppModule {}
     app =
       platform === "express"
         ? await NestFactory.create(AppModule, { logger: false, abortOnError: false })
         : await NestFactory.create(AppModule, new FastifyAdapter(), { logger: false, abortOnError: false });
+    if (prefix !== undefined) app.setGlobalPrefix(prefix);
     await app.listen(0, "127.0.0.1");
     return ((app.getHttpServer() as Server).address() as AddressInfo).port;
   };
@@ -349,6 +350,17 @@ describe("nestjs: SessionModule options", () => {
       app = undefined;
       expect(await rejectionOf(reg.withSession(() => 1))).to.be.instanceOf(RegistryClosedError);
       expect(dataSource.isInitialized).to.equal(true); // the application's own: it destroys it
+    });
+  }
+
+  for (const platform of ["express", "fastify"] as const) {
+    it(`covers the routes under a global prefix on ${platform}`, async () => {
+      const reg = db.registry("prefixed");
+      const port = await start([SessionModule.forRoot({ registry: reg })], platform, "api");
+      const reply = await send(port, "/api/who");
+      expect(reply.status).to.equal(200);
+      expect(JSON.parse(reply.body)).to.include({ one: 1 });
+      await idle(reg);
     });
   }
 

@@ -34,7 +34,9 @@ export type TestHook = (fn: () => Promise<void>) => unknown;
 
 /** The `beforeEach` and `afterEach` of a test runner: see {@link TransactionalTestsOptions.hooks}. */
 export interface TestHooks {
+  /** Registers a hook that runs before each test of the enclosing suite. */
   readonly beforeEach: TestHook;
+  /** Registers a hook that runs after each test of the enclosing suite. */
   readonly afterEach: TestHook;
 }
 

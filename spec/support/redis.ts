@@ -51,8 +51,9 @@ function freePort(): Promise<number> {
   });
 }
 
-/** The shell that owns the server: it stops it once its stdin (our pipe) closes. */
-const OWNER = 'bin="$1"; shift; "$bin" "$@" & pid=$!; trap \'kill $pid\' TERM; cat >/dev/null; kill $pid; wait $pid';
+/** The shell that owns the server: it stops it and removes its directory once its stdin (our pipe) closes. */
+const OWNER =
+  'bin="$1"; dir="$2"; shift 2; "$bin" "$@" & pid=$!; trap \'kill $pid\' TERM; cat >/dev/null; kill $pid; wait $pid; rm -rf "$dir"';
 
 /** Wait until the server logs that it accepts connections; reject when it exits or after a bound. */
 function ready(child: ChildProcess, output: string[]): Promise<void> {
@@ -92,7 +93,7 @@ export async function startRedis(): Promise<RedisServer | undefined> {
   const port = await freePort();
   const tmp = mkdtempSync(join(tmpdir(), "tss-redis-"));
   const args = ["--port", String(port), "--bind", HOST, "--save", "", "--appendonly", "no", "--dir", tmp];
-  const child = spawn("sh", ["-c", OWNER, "sh", binary, ...args, "--logfile", ""], {
+  const child = spawn("sh", ["-c", OWNER, "sh", binary, tmp, ...args, "--logfile", ""], {
     stdio: ["pipe", "pipe", "pipe"],
     detached: true, // a process group of its own, to kill the shell and the server together
   });

@@ -152,26 +152,42 @@ export function addAfterCommit<T, R, N extends string>(
   }
 }
 
+/**
+ * Jobs of a test's session still waiting for their COMMIT. A test's outer transaction drops
+ * afterCommit callbacks silently (`runAfterCommit: false`), and only it: its session closes
+ * after every level whose callbacks were still to run, so its end settles what is left.
+ * Other sessions always run one of the two callbacks.
+ */
+const waitingInTest = new WeakMap<Session, Set<() => void>>();
+
+function dropAtTestEnd(session: Session, dropped: () => void): () => void {
+  let waiting = waitingInTest.get(session);
+  if (waiting === undefined) {
+    const all = (waiting = new Set());
+    waitingInTest.set(session, all);
+    session.signal.addEventListener("abort", () => all.forEach((drop) => drop()), { once: true });
+  }
+  waiting.add(dropped);
+  const set = waiting;
+  return () => set.delete(dropped);
+}
+
 /** Run `add` through `session.afterCommit()`, settling once: the job, or `undefined` when dropped. */
 function afterCommitOf<J>(session: Session, add: () => Promise<J>): Promise<J | undefined> {
   let started = false;
+  let forget = (): unknown => undefined;
   let settle!: (outcome: J | undefined | Promise<J>) => void;
   const outcome = new Promise<J | undefined>((resolve) => (settle = resolve));
   const dropped = (): void => {
     if (started) return;
     started = true;
-    session.signal.removeEventListener("abort", droppedWithTest);
+    forget();
     settle(undefined);
-  };
-  // A test's outer transaction drops the callbacks silently (runAfterCommit: false), and only
-  // it: its session closes after every level whose callbacks were still to run.
-  const droppedWithTest = (): void => {
-    if (session._test) dropped();
   };
   session.afterCommit(() => {
     if (started) return;
     started = true;
-    session.signal.removeEventListener("abort", droppedWithTest);
+    forget();
     const adding = add();
     settle(adding);
     return adding; // the committing block settles once the job is in the queue (a failure goes to `error`)
@@ -180,7 +196,7 @@ function afterCommitOf<J>(session: Session, add: () => Promise<J>): Promise<J | 
     dropped(); // outside a transaction afterCommit runs at once, unless the test's transaction drops it
   } else if (!started) {
     session.afterRollback(dropped);
-    session.signal.addEventListener("abort", droppedWithTest, { once: true });
+    if (session._test) forget = dropAtTestEnd(session, dropped);
   }
   outcome.catch(() => undefined); // reported through `error`; a `void` call must not crash the process
   return outcome;

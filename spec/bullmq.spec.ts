@@ -1,6 +1,6 @@
 import { expect } from "chai";
 import { Job, Queue, QueueEvents, Worker, type ConnectionOptions } from "bullmq";
-import { createSessionRegistry, type Session, type SessionRegistry } from "../src/index.js";
+import { createSessionRegistry, RegistryClosedError, type Session, type SessionRegistry } from "../src/index.js";
 import { addAfterCommit, sessionProcessor } from "../src/integrations/bullmq.js";
 import { useTransactionalTests } from "../src/testing/index.js";
 import { type Backend, forEachBackend, type TestDb } from "./support/backends.js";
@@ -214,6 +214,23 @@ describe("bullmq", function () {
       });
     }
 
+    it("once the registry drains, a job fails with RegistryClosedError and runs no body", async () => {
+      let ran = false;
+      const worker = h.worker(
+        sessionProcessor(
+          () => {
+            ran = true;
+          },
+          { registry: reg },
+        ),
+      );
+      const failed = new Promise<unknown>((resolve) => worker.on("failed", (_job, error) => resolve(error)));
+      await reg.drain();
+      await h.queue.add("late", {});
+      expect(await failed).to.be.instanceOf(RegistryClosedError);
+      expect(ran).to.equal(false);
+    });
+
     it("refuses propagation mandatory and a body that is not a function", () => {
       expect(() => sessionProcessor(async () => 1, { propagation: "mandatory" })).to.throw(TypeError, /no scope/);
       expect(() => sessionProcessor(42 as never)).to.throw(TypeError, /function/);
@@ -319,6 +336,11 @@ describe("bullmq", function () {
       expect(await inner).to.equal(undefined);
       expect(await h.jobs()).to.equal(0);
     });
+
+    // Pending: a retried attempt drops its callbacks silently, and a session's signal aborts before the
+    // callbacks of its close have run, so nothing public tells when the call of such an attempt is
+    // dropped. It needs the core to say when a closed session's callbacks have run.
+    it("resolves undefined for the call of an attempt that `retry` re-runs");
 
     it("adds at once outside a transaction, and with no session at all", async () => {
       const inSession = await reg.withSession(async () => {

@@ -98,7 +98,8 @@ export interface AddAfterCommitOptions {
  * The promise resolves with the {@link Job} once added, or with `undefined` when a
  * rollback dropped it. Under `useTransactionalTests({ runAfterCommit: false })` a
  * dropped job resolves `undefined` when its block would have committed, or at the
- * latest when the test ends.
+ * latest when the test ends. In a block with `retry`, the call made by an attempt that
+ * is re-run stays pending (the re-run makes its own call, which settles as above).
  *
  * **Do not `await` it inside its own transaction:** it resolves after the COMMIT,
  * which comes only after the body has returned, so the block would wait forever.

@@ -1,6 +1,12 @@
 import { expect } from "chai";
 import { Job, Queue, QueueEvents, Worker, type ConnectionOptions } from "bullmq";
-import { createSessionRegistry, RegistryClosedError, type Session, type SessionRegistry } from "../src/index.js";
+import {
+  createSessionRegistry,
+  RegistryClosedError,
+  type Session,
+  SessionTimeoutError,
+  type SessionRegistry,
+} from "../src/index.js";
 import { addAfterCommit, sessionProcessor } from "../src/integrations/bullmq.js";
 import { useTransactionalTests } from "../src/testing/index.js";
 import { type Backend, forEachBackend, type TestDb } from "./support/backends.js";
@@ -213,6 +219,22 @@ describe("bullmq", function () {
         expect(await count()).to.equal(3);
       });
     }
+
+    it("a job that runs past timeoutMs fails with SessionTimeoutError, its work rolled back", async () => {
+      const worker = h.worker(
+        sessionProcessor(
+          async (s) => {
+            await s.getRepository(Note).insert({ body: "too slow" });
+            await new Promise((resolve) => s.signal.addEventListener("abort", resolve, { once: true }));
+          },
+          { transaction: true, timeoutMs: 200, registry: reg },
+        ),
+      );
+      const failed = new Promise<unknown>((resolve) => worker.on("failed", (_job, error) => resolve(error)));
+      await h.queue.add("slow", {});
+      expect(await failed).to.be.instanceOf(SessionTimeoutError);
+      expect(await count()).to.equal(0);
+    });
 
     it("once the registry drains, a job fails with RegistryClosedError and runs no body", async () => {
       let ran = false;

@@ -2,13 +2,13 @@ import { expect } from "chai";
 import sinon from "sinon";
 import { type Session, SessionClosedError, type SessionRegistry } from "../src/index.js";
 import { Note } from "./support/entities.js";
-import { type Backend, connectionsInUse, forEachBackend, type TestDb } from "./support/backends.js";
+import { type Backend, type BackendKind, connectionsInUse, forEachBackend, type TestDb } from "./support/backends.js";
 import { deferred, recordEvents, rejectionOf } from "./support/util.js";
 
 class Boom extends Error {}
 
-forEachBackend("blocks", (backend: Backend) => {
-  let db: TestDb;
+forEachBackend("blocks", { mariadb: true }, (backend: Backend<BackendKind>) => {
+  let db: TestDb<BackendKind>;
   let reg: SessionRegistry;
   beforeEach(async () => {
     db = await backend.open();
@@ -159,7 +159,11 @@ forEachBackend("blocks", (backend: Backend) => {
       }
     });
 
-    it("a failing COMMIT rejects with the COMMIT's error and leaves nothing behind", async () => {
+    // MySQL checks every constraint at once (there are no deferred ones), so its COMMIT cannot be made to
+    // fail this way; spec/mysql.spec.ts fails a COMMIT on a connection killed mid-transaction instead.
+    const notOnMariaDb = backend.kind === "mariadb" ? it.skip : it;
+
+    notOnMariaDb("a failing COMMIT rejects with the COMMIT's error and leaves nothing behind", async () => {
       await reg.withSession(async (s) => {
         await s.query("CREATE TABLE parent (id INTEGER PRIMARY KEY)");
         await s.query("CREATE TABLE child (pid INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)");

@@ -136,18 +136,26 @@ const mariadb: Backend<"mariadb"> = {
  * Define `suite` once per backend: on SQLite (always), on PostgreSQL and, with
  * `{ mariadb: true }`, on MariaDB (each skipped, with the harness's one-line reason,
  * where no server could be started).
+ *
+ * @example
+ * ```ts
+ * forEachBackend("blocks", (backend: Backend) => { ... });
+ * forEachBackend("faults", { mariadb: true }, (backend: Backend<BackendKind>) => { ... });
+ * ```
  */
 export function forEachBackend(title: string, suite: (backend: Backend) => void): void;
 export function forEachBackend(
   title: string,
-  suite: (backend: Backend<BackendKind>) => void,
   options: { mariadb: true },
+  suite: (backend: Backend<BackendKind>) => void,
 ): void;
 export function forEachBackend(
   title: string,
-  suite: ((backend: Backend) => void) | ((backend: Backend<BackendKind>) => void),
-  options: { mariadb?: boolean } = {},
+  ...rest: [(backend: Backend) => void] | [{ mariadb?: boolean }, (backend: Backend<BackendKind>) => void]
 ): void {
+  const options = rest.length === 2 ? rest[0] : {};
+  // Only the suites that asked for MariaDB get it, and they take any backend.
+  const suite = rest.at(-1) as (backend: Backend<BackendKind>) => void;
   const backends: Backend<BackendKind>[] = [sqlite, postgres, ...(options.mariadb === true ? [mariadb] : [])];
   for (const backend of backends) {
     describe(`${title} [${backend.kind}]`, function () {
@@ -162,8 +170,7 @@ export function forEachBackend(
           if ((await startMariaDb()) === undefined) this.skip();
         });
       }
-      // Only the suites that asked for MariaDB get it, and they take any backend.
-      (suite as (backend: Backend<BackendKind>) => void)(backend);
+      suite(backend);
     });
   }
 }

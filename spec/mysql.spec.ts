@@ -33,6 +33,40 @@ interface Pool {
 
 const poolOf = (reg: SessionRegistry): Pool => (reg.dataSource!.driver as unknown as { pool: Pool }).pool;
 
+describe("MySQL and MariaDB without a server", () => {
+  it("parses mysql:// and mariadb:// and names every accepted scheme when the scheme is unknown", () => {
+    expect(parseUrl("mysql://user:pw@host:3306/db")).to.deep.equal({
+      type: "mysql",
+      url: "mysql://user:pw@host:3306/db",
+    });
+    expect(parseUrl("mariadb://user:pw@host/db")).to.deep.equal({
+      type: "mariadb",
+      url: "mariadb://user:pw@host/db",
+    });
+    expect(() => parseUrl("mysql:host/db")).to.throw(RangeError, /mysql:\/\/user:pw@host:3306\/db/);
+    expect(() => parseUrl("mssql://h/d")).to.throw(
+      RangeError,
+      /sqlite:, better-sqlite3:, postgres:\/\/, postgresql:\/\/, mysql:\/\/ or mariadb:\/\/, got `"mssql:\/\/h\/d"`/,
+    );
+  });
+
+  it("isRetryableError: deadlock (1213) and lock wait timeout (1205), as mysql2 reports them and wrapped by TypeORM", () => {
+    const deadlock = Object.assign(new Error("Deadlock found when trying to get lock"), {
+      errno: 1213,
+      code: "ER_LOCK_DEADLOCK",
+    });
+    const lockWait = Object.assign(new Error("Lock wait timeout exceeded"), { errno: 1205 });
+    expect(isRetryableError(deadlock)).to.equal(true);
+    expect(isRetryableError(lockWait)).to.equal(true);
+    expect(isRetryableError({ code: "ER_LOCK_WAIT_TIMEOUT" })).to.equal(true);
+    expect(isRetryableError(Object.assign(new Error("query failed"), { driverError: deadlock }))).to.equal(true);
+    expect(isRetryableError(Object.assign(new Error("read only"), { errno: 1792 }))).to.equal(false);
+    expect(isRetryableError(Object.assign(new Error("duplicate"), { errno: 1062, code: "ER_DUP_ENTRY" }))).to.equal(
+      false,
+    );
+  });
+});
+
 describe("MySQL and MariaDB", function () {
   let server: MariaDbServer;
   let url: string;
@@ -95,22 +129,6 @@ describe("MySQL and MariaDB", function () {
   const count = (reg: SessionRegistry) => reg.withSession((s) => s.getRepository(Note).count());
 
   describe("urls", () => {
-    it("parses mysql:// and mariadb:// and names every accepted scheme when the scheme is unknown", () => {
-      expect(parseUrl("mysql://user:pw@host:3306/db")).to.deep.equal({
-        type: "mysql",
-        url: "mysql://user:pw@host:3306/db",
-      });
-      expect(parseUrl("mariadb://user:pw@host/db")).to.deep.equal({
-        type: "mariadb",
-        url: "mariadb://user:pw@host/db",
-      });
-      expect(() => parseUrl("mysql:host/db")).to.throw(RangeError, /mysql:\/\/user:pw@host:3306\/db/);
-      expect(() => parseUrl("mssql://h/d")).to.throw(
-        RangeError,
-        /sqlite:, better-sqlite3:, postgres:\/\/, postgresql:\/\/, mysql:\/\/ or mariadb:\/\/, got `"mssql:\/\/h\/d"`/,
-      );
-    });
-
     for (const scheme of ["mysql", "mariadb"] as const) {
       it(`a registry from a ${scheme}:// url connects (driver "${scheme}")`, async () => {
         const reg = registry(2, scheme);
@@ -263,6 +281,14 @@ describe("MySQL and MariaDB", function () {
       expect(error).to.have.nested.property("driverError.errno", 1792);
       expect(String(error)).to.match(/READ ONLY transaction/);
       expect(await reg.withTransaction(async (s) => s.getRepository(Note).count(), { readOnly: true })).to.equal(0);
+      // With an isolation level as well (TypeORM sends SET TRANSACTION ISOLATION LEVEL after ours).
+      const isolated = await rejectionOf(
+        reg.withTransaction((s) => s.getRepository(Note).insert({ body: "nope", block: 1 }), {
+          readOnly: true,
+          isolation: "SERIALIZABLE",
+        }),
+      );
+      expect(isolated).to.have.nested.property("driverError.errno", 1792);
       const after = await reg.withSession(async (s) => {
         const [row] = await s.query<{ ro: number | string }[]>("SELECT @@tx_read_only AS ro");
         await s.getRepository(Note).insert({ body: "writable", block: 2 });
@@ -405,6 +431,20 @@ describe("MySQL and MariaDB", function () {
     });
   });
 
+  describe("timeoutMs outside a transaction", () => {
+    it("a long statement is cancelled: the block rejects promptly and the connection is back in the pool", async () => {
+      const reg = registry(1);
+      const before = await reg.withSession(threadOf);
+      const started = performance.now();
+      const error = await rejectionOf(reg.withSession((s) => s.query("SELECT SLEEP(30)"), { timeoutMs: 200 }));
+      expect(error).to.be.instanceOf(SessionTimeoutError);
+      expect(performance.now() - started).to.be.below(5_000);
+      expect(await reg.withSession(threadOf), "the same pooled connection, still usable").to.equal(before);
+      expect(connectionsInUse(reg.dataSource!)).to.equal(0);
+      expect(await serverConnections()).to.equal(1);
+    });
+  });
+
   describe("guarantee 8: a connection whose COMMIT failed is destroyed", () => {
     it("the pinned connection killed mid-transaction: COMMIT rejects, nothing is committed, the pool stays consistent", async () => {
       const reg = registry(2);
@@ -418,7 +458,7 @@ describe("MySQL and MariaDB", function () {
           await server.adminQuery(`KILL ${await threadOf(s)}`);
         }),
       );
-      expect(String(error)).to.match(/closed|lost|ECONNRESET|gone away|killed/i);
+      expect(String(error)).to.match(/closed|lost|ended|ECONNRESET|EPIPE|gone away|killed/i);
       expect(log.map((l) => l.split("#")[0])).to.not.include("commit");
       const pool = poolOf(reg);
       expect(pool._allConnections.toArray?.() ?? [], "the dead connection is out of the pool").to.not.include(

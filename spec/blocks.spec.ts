@@ -87,14 +87,42 @@ forEachBackend("blocks", { mariadb: true }, (backend: Backend<BackendKind>) => {
       }
     });
 
-    it("a body that queries connects once", async () => {
+    it("a body that queries connects once for statements sent together", async () => {
       const { log } = recordEvents(reg, ["connect"]);
       await reg.withSession(async (s) => {
-        await s.query("SELECT 1");
-        await s.getRepository(Note).count();
+        await Promise.all([s.query("SELECT 1"), s.getRepository(Note).count()]);
       });
       expect(log).to.have.length(1);
     });
+
+    it("outside a transaction a pooled connection is borrowed per statement; holdConnection keeps one", async () => {
+      const { log } = recordEvents(reg, ["connect"]);
+      const twoStatements = async (s: Session) => {
+        await s.query("SELECT 1");
+        await s.getRepository(Note).count();
+      };
+      await reg.withSession(twoStatements);
+      // SQLite has one connection, taken once; PostgreSQL gives it back between the statements.
+      expect(log).to.have.length(backend.kind === "postgres" ? 2 : 1);
+      log.length = 0;
+      await reg.withSession(twoStatements, { holdConnection: true });
+      expect(log).to.have.length(1);
+      expect(connectionsInUse(reg.dataSource!)).to.equal(0);
+    });
+
+    if (backend.kind === "postgres") {
+      it("holdConnection keeps connection state across statements outside a transaction", async () => {
+        const rows = await reg.withSession(
+          async (s) => {
+            await s.query("CREATE TEMP TABLE held (x integer)");
+            await s.query("INSERT INTO held VALUES (1)");
+            return s.query<{ x: number }[]>("SELECT x FROM held");
+          },
+          { holdConnection: true },
+        );
+        expect(rows).to.deep.equal([{ x: 1 }]);
+      });
+    }
 
     it("a transactional block connects to begin", async () => {
       const { log } = recordEvents(reg, ["connect", "begin", "commit"]);

@@ -28,13 +28,17 @@ forEachBackend("propagation", { mariadb: true }, (backend: Backend<BackendKind>)
   describe('"required" (the default)', () => {
     it("joins the scope's session: the same Session object, no new session or connection", async () => {
       const { log } = recordEvents(reg, ["open", "connect"]);
-      await reg.withSession(async (outer) => {
-        await outer.query("SELECT 1");
-        await reg.withSession(async (inner) => {
-          expect(inner).to.equal(outer);
-          await reg.withTransaction(async (tx) => expect(tx).to.equal(outer));
-        });
-      });
+      // holdConnection: one connection for the whole block, so a second one would show.
+      await reg.withSession(
+        async (outer) => {
+          await outer.query("SELECT 1");
+          await reg.withSession(async (inner) => {
+            expect(inner).to.equal(outer);
+            await reg.withTransaction(async (tx) => expect(tx).to.equal(outer));
+          });
+        },
+        { holdConnection: true },
+      );
       expect(log).to.have.length(2);
     });
 

@@ -231,6 +231,41 @@ function expectOneOf<T extends string>(key: string, value: unknown, allowed: rea
 }
 
 /**
+ * Options of `registry.open()` and `openSession()`: those of a block that make sense
+ * for a session the caller owns (it never joins another, so no `propagation`,
+ * `savepoint`, `durable` or `retry`).
+ */
+export type OpenOptions = Pick<
+  SessionOptions,
+  "registry" | "transaction" | "isolation" | "readOnly" | "timeoutMs" | "name" | "holdConnection"
+>;
+
+const OPEN_KNOWN = new Set<string>([
+  "registry",
+  "transaction",
+  "isolation",
+  "readOnly",
+  "timeoutMs",
+  "name",
+  "holdConnection",
+]);
+
+/** @internal Validate the options of `open()`; those of a block that do not apply are refused by name. */
+export function resolveOpenOptions(options: unknown): ResolvedOptions {
+  if (typeof options === "object" && options !== null) {
+    for (const key of Object.keys(options)) {
+      if (KNOWN.has(key) && !OPEN_KNOWN.has(key)) {
+        throw new TypeError(
+          `\`${key}\` does not apply to open(): an opened session is always a new one, on its own connection, ` +
+            `that never joins another. Use a block (withSession/withTransaction) for \`${key}\`.`,
+        );
+      }
+    }
+  }
+  return resolveOptions(options, undefined, false);
+}
+
+/**
  * @internal Validate block options. Throws `TypeError`/`RangeError` naming the
  * option and the value received.
  */

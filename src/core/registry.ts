@@ -6,11 +6,11 @@ import {
   RegistryNotConfiguredError,
   SessionClosedError,
 } from "../errors.js";
-import { openScope, runBlock, scopeSession, type SessionBody } from "./block.js";
+import { openExplicit, openScope, runBlock, scopeSession, type SessionBody } from "./block.js";
 import { type DriverFamily, familyOf, isSingleConnection } from "./driver.js";
 import { initializeOnce, trackInitialization } from "./initialization.js";
 import { Lease } from "./lease.js";
-import { describe, type SessionOptions } from "./options.js";
+import { describe, type OpenOptions, type SessionOptions } from "./options.js";
 import { findScope, type Scope, storage } from "./scope.js";
 import { scopedManager, scopedRepository } from "./proxies.js";
 import { Session, type SessionHost } from "./session.js";
@@ -118,6 +118,8 @@ export interface SessionEvent {
   readonly attempt?: number;
   /** On `close`: the session had been reported through `leak`. */
   readonly leakReported?: boolean;
+  /** On `close`: how many statements the session ran. */
+  readonly statements?: number;
 }
 
 /**
@@ -150,6 +152,8 @@ export interface SessionStats {
   readonly timeouts: number;
   /** Sessions reported through `leak`. */
   readonly leaks: number;
+  /** Statements run by every session so far (see {@link Session.statements}). */
+  readonly statements: number;
 }
 
 /** Options of {@link SessionRegistry.drain}. */
@@ -232,6 +236,7 @@ export class SessionRegistry {
   #rollbacks = 0;
   #timeouts = 0;
   #leaks = 0;
+  #statements = 0;
   #leakDetectionMs: number | undefined;
   /** Open sessions, with their leak timers. */
   readonly #open = new Map<Session, { timer?: NodeJS.Timeout; leaked?: boolean }>();
@@ -587,7 +592,36 @@ export class SessionRegistry {
       rollbacks: this.#rollbacks,
       timeouts: this.#timeouts,
       leaks: this.#leaks,
+      statements: [...this.#open.keys()].reduce((sum, session) => sum + session.statements, this.#statements),
     };
+  }
+
+  /**
+   * A new session that the caller owns, for explicit use: the counterpart of
+   * Python's `with Session() as s:`. Close it with `await using` or
+   * `try { ... } finally { await s.close() }`. It is bound to no scope
+   * (`current()` does not see it; {@link Session.run} makes it current for the code
+   * it runs) and never joins the caller's session. A transaction it began
+   * (`transaction: true` or `s.begin()`) and did not commit with `s.commit()` is
+   * rolled back when it closes. Outside a transaction it takes a pooled connection
+   * per statement, like every session (`holdConnection: true` keeps one).
+   *
+   * @param options - `transaction`, `isolation`, `readOnly`, `timeoutMs` (then it is
+   *   force-closed, and later use fails with {@link SessionClosedError}), `name`, `holdConnection`
+   * @returns the open session (its transaction begun, with `transaction: true`)
+   * @throws TypeError/RangeError (as a rejection) on invalid options, or options of a block that do not apply
+   * @throws {@link PropagationError} (as a rejection) on SQLite inside an open transaction of the caller's
+   *   scope, whose single connection the new session would wait for forever
+   * @throws {@link RegistryClosedError} (as a rejection) once {@link drain} has begun
+   * @example
+   * ```ts
+   * await using s = await db.open({ transaction: true });
+   * await s.getRepository(Invoice).save(invoices);
+   * await s.commit(); // without it, closing rolls back
+   * ```
+   */
+  open(options?: OpenOptions): Promise<Session> {
+    return openExplicit(this, options);
   }
 
   /**
@@ -780,7 +814,13 @@ export class SessionRegistry {
         this.#open.delete(session);
         this.#active -= 1;
         this.#closed += 1;
-        this.#emit("close", session, watch?.leaked ? { durationMs, leakReported: true } : { durationMs });
+        this.#statements += session.statements;
+        const statements = session.statements;
+        this.#emit(
+          "close",
+          session,
+          watch?.leaked ? { durationMs, statements, leakReported: true } : { durationMs, statements },
+        );
         if (this.#open.size === 0) this.#idle?.();
       },
     };

@@ -930,38 +930,44 @@ function dataSourceInput(options: SessionRegistryOptions): DataSourceInput | und
 
 /**
  * `sqlite:PATH`, `sqlite::memory:`, `better-sqlite3:PATH`, `postgres://...` (or
- * `postgresql://...`) to the DataSource options that select the driver.
+ * `postgresql://...`), `mysql://...` or `mariadb://...` to the DataSource options
+ * that select the driver.
  *
  * @param url - the database URL
- * @returns the DataSource options `type` and `database` (SQLite) or `url` (PostgreSQL)
+ * @returns the DataSource options `type` and `database` (SQLite) or `url` (PostgreSQL, MySQL, MariaDB)
  * @throws TypeError when `url` is not a string
  * @throws RangeError when the scheme is not one of the above, or the path or host part is missing
  * @example
  * ```ts
  * parseUrl("sqlite:./app.db"); // { type: "sqlite", database: "./app.db" }
  * parseUrl("postgres://app@localhost/app"); // { type: "postgres", url: "postgres://app@localhost/app" }
+ * parseUrl("mysql://app:secret@localhost:3306/app"); // { type: "mysql", url: "mysql://app:secret@localhost:3306/app" }
  * ```
  */
 export function parseUrl(url: unknown): {
-  /** The TypeORM driver: `"sqlite"`, `"better-sqlite3"` or `"postgres"`. */
+  /** The TypeORM driver: `"sqlite"`, `"better-sqlite3"`, `"postgres"`, `"mysql"` or `"mariadb"`. */
   type: string;
   /** The database file, or `:memory:` (SQLite drivers). */
   database?: string;
-  /** The connection URL (PostgreSQL). */
+  /** The connection URL (PostgreSQL, MySQL, MariaDB). */
   url?: string;
 } {
   if (typeof url !== "string") throw new TypeError(`Expected \`url\` to be a string, got ${describe(url)}`);
-  const match = /^(sqlite|better-sqlite3|postgres|postgresql):(.*)$/.exec(url);
+  const match = /^(sqlite|better-sqlite3|postgres|postgresql|mysql|mariadb):(.*)$/.exec(url);
   if (match === null) {
     throw new RangeError(
-      `Expected \`url\` to start with sqlite:, better-sqlite3:, postgres:// or postgresql://, got ${describe(url)}`,
+      "Expected `url` to start with sqlite:, better-sqlite3:, postgres://, postgresql://, mysql:// or mariadb://, " +
+        `got ${describe(url)}`,
     );
   }
   const [, scheme, rest] = match as unknown as [string, string, string];
-  if (scheme === "postgres" || scheme === "postgresql") {
-    if (!rest.startsWith("//"))
-      throw new RangeError(`Expected \`url\` of the form postgres://user:pw@host:5432/db, got ${describe(url)}`);
-    return { type: "postgres", url };
+  if (scheme !== "sqlite" && scheme !== "better-sqlite3") {
+    const type = scheme === "postgresql" ? "postgres" : scheme;
+    if (!rest.startsWith("//")) {
+      const port = type === "postgres" ? 5432 : 3306;
+      throw new RangeError(`Expected \`url\` of the form ${scheme}://user:pw@host:${port}/db, got ${describe(url)}`);
+    }
+    return { type, url };
   }
   const database = rest.startsWith("//") ? rest.slice(2) : rest;
   if (database === "") throw new RangeError(`Expected a database path after "${scheme}:", got ${describe(url)}`);

@@ -25,7 +25,11 @@ describe("the published package", function () {
       peerDependencies: Record<string, string>;
     };
     expect(Object.keys(peerDependencies).sort()).to.deep.equal([
+      "@nestjs/common",
+      "@nestjs/core",
+      "bullmq",
       "express",
+      "fastify",
       "koa",
       "node-cron",
       "reflect-metadata",

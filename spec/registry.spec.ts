@@ -76,10 +76,11 @@ describe("SessionRegistry", () => {
       expect(parseUrl("better-sqlite3:./app.db")).to.deep.equal({ type: "better-sqlite3", database: "./app.db" });
       expect(parseUrl("postgres://u:p@h:5432/d")).to.deep.equal({ type: "postgres", url: "postgres://u:p@h:5432/d" });
       expect(parseUrl("postgresql://h/d")).to.deep.equal({ type: "postgres", url: "postgresql://h/d" });
-      expect(() => parseUrl("mysql://h/d")).to.throw(
+      expect(() => parseUrl("mssql://h/d")).to.throw(
         RangeError,
-        /`url` to start with sqlite:.*got `"mysql:\/\/h\/d"` \(string\)/,
+        /`url` to start with sqlite:.*mariadb:\/\/, got `"mssql:\/\/h\/d"` \(string\)/,
       );
+      expect(parseUrl("mysql://u:p@h:3306/d")).to.deep.equal({ type: "mysql", url: "mysql://u:p@h:3306/d" });
       expect(() => parseUrl("sqlite:")).to.throw(RangeError, /database path/);
       expect(() => parseUrl(5)).to.throw(TypeError, /`url` to be a string, got `5` \(number\)/);
     });

@@ -5,8 +5,7 @@
  */
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { SessionRegistry } from "../core/registry.js";
-import { requestScope } from "../core/block.js";
-import { onResponseEnd, registryOption } from "./http.js";
+import { enterRequestScope, registryOption } from "./http.js";
 
 /** Options of {@link sessionMiddleware}. */
 export interface SessionMiddlewareOptions {
@@ -84,14 +83,6 @@ export type SessionMiddleware = (req: IncomingMessage, res: ServerResponse, next
 export function sessionMiddleware(options: SessionMiddlewareOptions = {}): SessionMiddleware {
   const registry = registryOption(options, "sessionMiddleware");
   return function sessionMiddleware(req, res, next) {
-    requestScope(registry, (end) => {
-      // Listen first: whatever `next()` starts may end the response.
-      onResponseEnd(req, res, end);
-      next();
-    })
-      // Either the scope could not be opened (no data source, a failed initialization, a drain),
-      // and no handler has run, or `next()` threw synchronously, as a handler would have: the
-      // request goes on to Express's error handling.
-      .catch((error: unknown) => next(error));
+    enterRequestScope(registry, req, res, next);
   };
 }

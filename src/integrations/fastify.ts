@@ -6,7 +6,7 @@
 import type { FastifyInstance, FastifyPluginAsync } from "fastify";
 import type { SessionRegistry } from "../core/registry.js";
 import { registryOption } from "./http.js";
-import { enterRequestScope } from "./node-request.js";
+import { enterRequestScope } from "./http.js";
 
 /**
  * Options of {@link fastifySession}.

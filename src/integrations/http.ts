@@ -1,5 +1,6 @@
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Socket } from "node:net";
+import { requestScope } from "../core/block.js";
 import { describe } from "../core/options.js";
 import { defaultRegistry, SessionRegistry } from "../core/registry.js";
 import type { RequestEnd } from "../core/scope.js";
@@ -53,4 +54,31 @@ export function onResponseEnd(
   res.on("close", end);
   socket?.on("close", end);
   return stop;
+}
+
+/**
+ * Run the rest of the request (`next()`) in a new request scope of `registry`, ended
+ * when the response has finished or the client has gone away: the one request-scope
+ * path of the integrations that see Node's request and response (the Express
+ * middleware, the Fastify plugin's hook, the Nest middleware on both platforms). When
+ * the scope cannot be opened (the registry drains, has no data source, or fails to
+ * initialize), `next` gets the error instead, for the framework's error handling, and
+ * nothing of the request runs.
+ */
+export function enterRequestScope(
+  registry: SessionRegistry,
+  req: IncomingMessage,
+  res: ServerResponse,
+  next: (error?: unknown) => void,
+): void {
+  let passed = false;
+  requestScope(registry, (end) => {
+    // Listen first: whatever `next()` starts may end the response.
+    onResponseEnd(req, res, end);
+    passed = true;
+    next();
+  }).catch((error: unknown) => {
+    // A framework catches what its own `next` throws; an error after it was called is not the request's.
+    if (!passed) next(error);
+  });
 }

@@ -19,7 +19,7 @@ import {
   SessionRegistry,
   type SessionRegistryOptions,
 } from "../../core/registry.js";
-import { enterRequestScope } from "../node-request.js";
+import { enterRequestScope } from "../http.js";
 import { watchOutsideTransaction } from "./outside-transaction.js";
 import { getSessionRepositoryToken } from "./repository.js";
 

@@ -5,7 +5,8 @@
  * a savepoint, and what happens to 8 concurrent transactions on SQLite's single
  * connection with raw TypeORM and with session blocks; then the three kinds of unit
  * of work: web requests (the Express example), cron ticks (the node-cron example)
- * and a background worker's batch (the worker example).
+ * and a background worker's batch (the worker example: BullMQ when Redis answers at
+ * REDIS_URL or 127.0.0.1:6379, else a queue in a table).
  */
 import "reflect-metadata";
 import { Column, Entity, PrimaryGeneratedColumn } from "typeorm";
@@ -20,7 +21,7 @@ import {
 } from "typeorm-scoped-session";
 import { runCronJob } from "./cron-job.js";
 import { createRegistry, start } from "./express-app.js";
-import { Job, jobs, JobWorker, LedgerEntry, runWorkers } from "./worker.js";
+import { findRedis, Job, jobs, JobWorker, LedgerEntry, REDIS_URL, runBullmqJobs, runWorkers } from "./worker.js";
 
 @Entity("notes")
 class Note {
@@ -176,13 +177,22 @@ async function ticks(): Promise<void> {
 }
 
 async function worker(): Promise<void> {
-  step("worker: a batch of queued jobs, each in its own transaction (@Transactional)");
   jobs.configure({ url: "sqlite::memory:", entities: [Job, LedgerEntry], synchronize: true });
-  await JobWorker.enqueue([10, 20, 30, 40, 50], (i) => i === 2);
-  const taken = await runWorkers(2);
-  const results = await jobs.withSession((s) => s.getRepository(Job).find({ order: { id: "ASC" } }));
-  say(`   jobs taken per worker: ${taken.join(", ")}`);
-  say(`   ${results.map((j) => `#${j.id} ${j.status}${j.error === null ? "" : ` (${j.error})`}`).join(", ")}`);
+  const redis = await findRedis();
+  if (redis !== undefined) {
+    step(`worker: BullMQ on ${REDIS_URL}, jobs added after the COMMIT, each run in its own transaction`);
+    const { rows, addedByRollback } = await runBullmqJobs(redis, [10, 20, 30, 40, 50], (i) => i === 2);
+    say(`   jobs added by a transaction that rolled back: ${addedByRollback}`);
+    say(`   ${rows.map((j) => `#${j.id} ${j.status}${j.error === null ? "" : ` (${j.error})`}`).join(", ")}`);
+  } else {
+    step("worker: a batch of queued jobs, each in its own transaction (@Transactional)");
+    say(`   (no Redis at ${REDIS_URL}, set REDIS_URL for the BullMQ version: using a queue in a table)`);
+    await JobWorker.enqueue([10, 20, 30, 40, 50], (i) => i === 2);
+    const taken = await runWorkers(2);
+    const results = await jobs.withSession((s) => s.getRepository(Job).find({ order: { id: "ASC" } }));
+    say(`   jobs taken per worker: ${taken.join(", ")}`);
+    say(`   ${results.map((j) => `#${j.id} ${j.status}${j.error === null ? "" : ` (${j.error})`}`).join(", ")}`);
+  }
   say(`   ${summary(jobs)}`);
   await jobs.drain({ destroy: true });
 }

@@ -1,6 +1,7 @@
 /**
  * A small Express 5 app on typeorm-scoped-session: one session per request, created on first
- * use, rolled back and released when the response ends.
+ * use and removed once the request is over (response finished or client gone) and nothing of it
+ * runs: a transaction still running then commits or rolls back as its body says first.
  *
  *   npm run build && npx tsc -p tsconfig.json && node build/examples/express-app.js
  *

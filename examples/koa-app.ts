@@ -1,6 +1,6 @@
 /**
  * A small Koa 3 app on typeorm-scoped-session: one session per request, created on first use,
- * rolled back and released when downstream settles (or the client goes away).
+ * removed once downstream has settled (or the client has gone away) and nothing of it runs.
  *
  *   npm run build && npx tsc -p tsconfig.json && node build/examples/koa-app.js
  *

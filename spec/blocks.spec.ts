@@ -2,13 +2,13 @@ import { expect } from "chai";
 import sinon from "sinon";
 import { type Session, SessionClosedError, type SessionRegistry } from "../src/index.js";
 import { Note } from "./support/entities.js";
-import { type Backend, connectionsInUse, forEachBackend, type TestDb } from "./support/backends.js";
+import { type Backend, type BackendKind, connectionsInUse, forEachBackend, type TestDb } from "./support/backends.js";
 import { deferred, recordEvents, rejectionOf } from "./support/util.js";
 
 class Boom extends Error {}
 
-forEachBackend("blocks", (backend: Backend) => {
-  let db: TestDb;
+forEachBackend("blocks", { mariadb: true }, (backend: Backend<BackendKind>) => {
+  let db: TestDb<BackendKind>;
   let reg: SessionRegistry;
   beforeEach(async () => {
     db = await backend.open();
@@ -87,14 +87,42 @@ forEachBackend("blocks", (backend: Backend) => {
       }
     });
 
-    it("a body that queries connects once", async () => {
+    it("a body that queries connects once for statements sent together", async () => {
       const { log } = recordEvents(reg, ["connect"]);
       await reg.withSession(async (s) => {
-        await s.query("SELECT 1");
-        await s.getRepository(Note).count();
+        await Promise.all([s.query("SELECT 1"), s.getRepository(Note).count()]);
       });
       expect(log).to.have.length(1);
     });
+
+    it("outside a transaction a pooled connection is borrowed per statement; holdConnection keeps one", async () => {
+      const { log } = recordEvents(reg, ["connect"]);
+      const twoStatements = async (s: Session) => {
+        await s.query("SELECT 1");
+        await s.getRepository(Note).count();
+      };
+      await reg.withSession(twoStatements);
+      // SQLite has one connection, taken once; PostgreSQL and MariaDB give it back between the statements.
+      expect(log).to.have.length(backend.kind === "sqlite" ? 1 : 2);
+      log.length = 0;
+      await reg.withSession(twoStatements, { holdConnection: true });
+      expect(log).to.have.length(1);
+      expect(connectionsInUse(reg.dataSource!)).to.equal(0);
+    });
+
+    if (backend.kind !== "sqlite") {
+      it("holdConnection keeps connection state across statements outside a transaction", async () => {
+        const rows = await reg.withSession(
+          async (s) => {
+            await s.query(`CREATE ${backend.kind === "mariadb" ? "TEMPORARY" : "TEMP"} TABLE held (x integer)`);
+            await s.query("INSERT INTO held VALUES (1)");
+            return s.query<{ x: number }[]>("SELECT x FROM held");
+          },
+          { holdConnection: true },
+        );
+        expect(rows).to.deep.equal([{ x: 1 }]);
+      });
+    }
 
     it("a transactional block connects to begin", async () => {
       const { log } = recordEvents(reg, ["connect", "begin", "commit"]);
@@ -159,7 +187,11 @@ forEachBackend("blocks", (backend: Backend) => {
       }
     });
 
-    it("a failing COMMIT rejects with the COMMIT's error and leaves nothing behind", async () => {
+    // MySQL checks every constraint at once (there are no deferred ones), so its COMMIT cannot be made to
+    // fail this way; spec/mysql.spec.ts fails a COMMIT on a connection killed mid-transaction instead.
+    const notOnMariaDb = backend.kind === "mariadb" ? it.skip : it;
+
+    notOnMariaDb("a failing COMMIT rejects with the COMMIT's error and leaves nothing behind", async () => {
       await reg.withSession(async (s) => {
         await s.query("CREATE TABLE parent (id INTEGER PRIMARY KEY)");
         await s.query("CREATE TABLE child (pid INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)");

@@ -3,13 +3,23 @@ import { fileURLToPath } from "node:url";
 import { expect } from "chai";
 import cron, { type ScheduledTask, type TaskContext } from "node-cron";
 import { DataSource, type Logger } from "typeorm";
-import { createSessionRegistry, type Session, type SessionRegistry } from "../src/index.js";
+import {
+  createSessionRegistry,
+  defaultRegistry,
+  RegistryNotConfiguredError,
+  type Session,
+  type SessionRegistry,
+} from "../src/index.js";
 import { DatabaseRunCoordinator, sessionTask } from "../src/integrations/cron.js";
 import { runCronJob } from "../examples/cron-job.js";
 import { Note } from "./support/entities.js";
 import { type Backend, connectionsInUse, forEachBackend, type TestDb } from "./support/backends.js";
 import { freshDatabase, pgServer } from "./support/postgres-hooks.js";
+import { within } from "./support/http.js";
+import { TempSqlite } from "./support/sqlite.js";
 import { recordEvents, rejectionOf } from "./support/util.js";
+
+const forSqlite = { open: (): Promise<TestDb> => Promise.resolve(new TempSqlite()) };
 
 class Boom extends Error {}
 
@@ -427,5 +437,80 @@ describe("examples/cron-job", function () {
     expect(result.ticks).to.have.length(2);
     expect(result.leases).to.deep.equal(result.ticks.map((t) => `heartbeat:${t}`));
     expect(result.heartbeats).to.equal(2);
+  });
+});
+
+describe("cron: a task and its coordinator on the application's registry", () => {
+  let db: TestDb;
+  let reg: SessionRegistry;
+  const tasks: ScheduledTask[] = [];
+  before(function () {
+    // These tests are about the default registry having no data source.
+    if (defaultRegistry.dataSource !== undefined) this.skip();
+  });
+  beforeEach(async () => {
+    db = await forSqlite.open();
+    reg = db.registry("app");
+  });
+  afterEach(async () => {
+    for (const task of tasks.splice(0)) await task.destroy();
+    await db.dispose();
+  });
+
+  it("sessionTask without `registry` while the default registry has no data source: the error names the fix", async () => {
+    let ran = false;
+    const error = await rejectionOf(sessionTask(() => void (ran = true))(context()));
+    expect(error).to.be.instanceOf(RegistryNotConfiguredError);
+    expect(error).to.include({ code: "ERR_REGISTRY_NOT_CONFIGURED" });
+    expect((error as Error).message).to.include("sessionTask(fn, { registry: db })");
+    expect((error as Error).message).to.include("configureSessions");
+    expect(ran).to.be.false;
+  });
+
+  it("DatabaseRunCoordinator without `registry` while the default registry has no data source: the error names the fix", async () => {
+    const error = await rejectionOf(new DatabaseRunCoordinator().shouldRun("k:2025-01-01T00:00:00.000Z", 1_000));
+    expect(error).to.be.instanceOf(RegistryNotConfiguredError);
+    expect((error as Error).message).to.include("new DatabaseRunCoordinator({ registry: db })");
+  });
+
+  it("the mistake of the old README example (task on the default registry, coordinator on db) fails each tick loudly", async function () {
+    this.timeout(10_000);
+    const logged: unknown[] = [];
+    const failed = new Promise<TaskContext>((resolve) => {
+      const task = cron.schedule(
+        "* * * * * *",
+        sessionTask(async (s) => s.query("SELECT 1")),
+        {
+          name: "mistaken",
+          distributed: true,
+          runCoordinator: new DatabaseRunCoordinator({ registry: reg }),
+          logger: { info() {}, warn() {}, debug() {}, error: (...args: unknown[]) => void logged.push(...args) },
+        },
+      );
+      task.on("execution:failed", resolve);
+      tasks.push(task);
+    });
+    const context = await within(failed, "the first tick to fail", 5_000);
+    const error = context.execution?.error;
+    expect(error).to.be.instanceOf(RegistryNotConfiguredError);
+    expect(error?.message).to.include("sessionTask(fn, { registry: db })");
+    expect(logged).to.include(error);
+  });
+
+  it("the corrected README example (both on db) runs its ticks in transactions on db", async function () {
+    this.timeout(10_000);
+    const committed = new Promise<string | undefined>((resolve) => reg.on("commit", (e) => resolve(e.name)));
+    tasks.push(
+      cron.schedule(
+        "* * * * * *",
+        sessionTask(async (s, { date }) => s.getRepository(Note).insert({ body: date.toISOString() }), {
+          registry: reg,
+          transaction: true,
+        }),
+        { name: "corrected", distributed: true, runCoordinator: new DatabaseRunCoordinator({ registry: reg }) },
+      ),
+    );
+    expect(await within(committed, "the first tick to commit", 5_000)).to.equal("corrected");
+    expect(await reg.withSession((s) => s.getRepository(Note).count())).to.be.at.least(1);
   });
 });

@@ -7,7 +7,6 @@ import {
   NoActiveSessionError,
   RegistryNotConfiguredError,
   type Session,
-  SessionClosedError,
   type SessionRegistry,
   tryCurrentSession,
 } from "../src/index.js";
@@ -79,49 +78,84 @@ forEachBackend("express: sessionMiddleware", (backend: Backend) => {
     expect(connectionsInUse(reg.dataSource!)).to.equal(0);
   });
 
-  it("rolls back a transaction the handler left open when the response ends", async () => {
+  it("a transaction opened by hand stays open past the response until the handler ends it, then commits whole", async () => {
     const { log } = recordEvents(reg);
-    app.post("/forgetful", async (_req, res) => {
+    const committed = deferred<number>();
+    reg.on("commit", (e) => committed.resolve(e.session.id));
+    const finished = deferred();
+    app.post("/by-hand", async (_req, res) => {
       const s = currentSession(reg);
       await s.begin();
-      await s.getRepository(Note).save({ body: "left open" });
-      res.json({ session: s.id }); // no commit
+      await s.getRepository(Note).save({ body: "by hand 1" });
+      res.on("finish", () => finished.resolve());
+      res.status(201).json({ session: s.id });
+      await finished.promise; // the request is over: the open transaction keeps the session
+      await s.getRepository(Note).save({ body: "by hand 2" });
+      await s.commit();
     });
     const port = await serve();
-    const reply = await send(port, "/forgetful", { method: "POST" });
+    const reply = await send(port, "/by-hand", { method: "POST" });
+    expect(reply.status).to.equal(201);
     const { session } = JSON.parse(reply.body) as { session: number };
+    expect(await within(committed.promise, "the handler's COMMIT")).to.equal(session);
     await idle(reg);
-    expect(log).to.include.members([`begin#${session}`, `rollback#${session}`, `close#${session}`]);
-    expect(log).to.not.include(`commit#${session}`);
-    expect(await count("left open")).to.equal(0);
+    expect(log).to.include.members([`begin#${session}`, `commit#${session}`, `close#${session}`]);
+    expect(await count("by hand 1")).to.equal(1);
+    expect(await count("by hand 2")).to.equal(1);
     expect(connectionsInUse(reg.dataSource!)).to.equal(0);
   });
 
-  it("a client that goes away mid-request ends the scope: transaction rolled back, session closed, signal aborted", async () => {
-    const { log } = recordEvents(reg);
-    const inserted = deferred<number>();
-    const after = deferred<unknown>();
-    app.post("/slow", async (_req, res) => {
-      const s = currentSession(reg);
+  it("a transaction opened by hand and never ended keeps its session: reported as a leak, rolled back by drain()", async () => {
+    const leaky = createSessionRegistry({ name: "leaky", dataSource: db.dataSource(), leakDetectionMs: 200 });
+    const leaked = deferred<number>();
+    leaky.on("leak", (e) => leaked.resolve(e.session.id));
+    const { log } = recordEvents(leaky);
+    const forgetful = express();
+    forgetful.use(sessionMiddleware({ registry: leaky }));
+    forgetful.post("/forgetful", async (_req, res) => {
+      const s = currentSession(leaky);
       await s.begin();
-      await s.getRepository(Note).save({ body: "aborted" });
-      inserted.resolve(s.id);
-      // The handler goes on until the session it works in is closed under it.
+      await s.getRepository(Note).save({ body: "never committed" });
+      res.json({ session: s.id }); // no commit, no rollback
+    });
+    server = await listen(forgetful);
+    const { session } = JSON.parse((await send(server.port, "/forgetful", { method: "POST" })).body) as {
+      session: number;
+    };
+    expect(await within(leaked.promise, "the leak report")).to.equal(session);
+    expect(leaky.stats().active).to.equal(1);
+    expect(await within(leaky.drain({ timeoutMs: 100 }), "drain()")).to.deep.equal({ waited: 0, forced: 1 });
+    expect(log).to.include.members([`rollback#${session}`, `close#${session}`]);
+    expect(await count("never committed")).to.equal(0);
+    expect(connectionsInUse(leaky.dataSource!)).to.equal(0);
+  });
+
+  it("a Session kept past a client's disconnect works again (and closes again); the proxies go on with a new session", async () => {
+    const { log } = recordEvents(reg);
+    const first = deferred<number>();
+    const after = deferred<{ kept: unknown; count: number; session: number }>();
+    app.get("/slow", async (_req, res) => {
+      const s = currentSession(reg);
+      await s.query("SELECT 1");
+      first.resolve(s.id);
       await new Promise((resolve) => s.signal.addEventListener("abort", resolve, { once: true }));
-      after.resolve(await s.query("SELECT 1").catch((error: unknown) => error));
+      const kept = await s.query("SELECT 1").catch((error: unknown) => error);
+      const notes = await reg.getRepository(Note).count();
+      after.resolve({ kept, count: notes, session: currentSession(reg).id });
       res.end();
     });
     const port = await serve();
     let client: ClientRequest | undefined;
-    const reply = send(port, "/slow", { method: "POST", sent: (req) => (client = req) }).catch((e: unknown) => e);
-    const session = await within(inserted.promise, "the handler to insert its row");
+    const reply = send(port, "/slow", { sent: (req) => (client = req) }).catch((e: unknown) => e);
+    const session = await within(first.promise, "the handler's first statement");
     client!.destroy();
     expect(await reply).to.be.an("error"); // socket hang up
-    expect(await within(after.promise, "the handler to see its session closed")).to.be.instanceOf(SessionClosedError);
+    const seen = await within(after.promise, "the handler to go on");
+    expect(seen.kept).to.have.length(1);
+    expect(seen.count).to.equal(0);
+    expect(seen.session).to.not.equal(session);
     await idle(reg);
-    expect(log).to.include.members([`rollback#${session}`, `close#${session}`]);
-    expect(log).to.not.include(`commit#${session}`);
-    expect(await count("aborted")).to.equal(0);
+    expect(log).to.include.members([`close#${session}`, `open#${seen.session}`, `close#${seen.session}`]);
     expect(connectionsInUse(reg.dataSource!)).to.equal(0);
   });
 
@@ -172,11 +206,11 @@ forEachBackend("express: sessionMiddleware", (backend: Backend) => {
     let caught: unknown;
     let errorSession: number | undefined;
     app.post("/fails", async () => {
-      const s = currentSession(reg);
-      handlerSession = s.id;
-      await s.begin();
-      await s.getRepository(Note).save({ body: "failed" });
-      throw boom;
+      await reg.withTransaction(async (s) => {
+        handlerSession = s.id;
+        await s.getRepository(Note).save({ body: "failed" });
+        throw boom;
+      });
     });
     const handler: ErrorRequestHandler = (error: unknown, _req, res, _next) => {
       caught = error;

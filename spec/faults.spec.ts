@@ -1,9 +1,10 @@
-// Fault injection and load, bounded in count and time, on SQLite and PostgreSQL. Each test
+// Fault injection and load, bounded in count and time, on SQLite, PostgreSQL and MariaDB. Each test
 // prints one line of figures (blocks, faults by kind, leaks, violations, time).
 import { expect } from "chai";
 import { PropagationError, type Session, SessionTimeoutError, type SessionRegistry } from "../src/index.js";
-import { type Backend, connectionsInUse, forEachBackend, type TestDb } from "./support/backends.js";
+import { type Backend, type BackendKind, connectionsInUse, forEachBackend, type TestDb } from "./support/backends.js";
 import { Account, Note } from "./support/entities.js";
+import { mariaDbServer } from "./support/mariadb-hooks.js";
 import { pgServer } from "./support/postgres-hooks.js";
 import { deferred, rejectionOf, seeded } from "./support/util.js";
 
@@ -25,8 +26,8 @@ async function inBatches<T>(
   return results;
 }
 
-forEachBackend("faults and load", (backend: Backend) => {
-  let db: TestDb;
+forEachBackend("faults and load", { mariadb: true }, (backend: Backend<BackendKind>) => {
+  let db: TestDb<BackendKind>;
   let reg: SessionRegistry;
   beforeEach(async () => {
     db = await backend.open();
@@ -36,6 +37,12 @@ forEachBackend("faults and load", (backend: Backend) => {
   afterEach(() => db.dispose());
 
   const idleInTransaction = async (): Promise<number> => {
+    if (backend.kind === "mariadb") {
+      const rows = await mariaDbServer()!.adminQuery<{ n: number }>(
+        "SELECT COUNT(*) AS n FROM information_schema.INNODB_TRX",
+      );
+      return Number(rows[0]!.n);
+    }
     if (backend.kind !== "postgres") return 0;
     const rows = await pgServer()!.adminQuery<{ n: number }>(
       "SELECT count(*)::int AS n FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'",
@@ -44,6 +51,11 @@ forEachBackend("faults and load", (backend: Backend) => {
   };
 
   const killBackend = async (s: Session): Promise<void> => {
+    if (backend.kind === "mariadb") {
+      const [row] = await s.query<{ id: number | string }[]>("SELECT CONNECTION_ID() AS id");
+      await mariaDbServer()!.adminQuery(`KILL ${Number(row!.id)}`);
+      return;
+    }
     const [row] = await s.query<{ pid: number }[]>("SELECT pg_backend_pid() AS pid");
     const pid = row!.pid;
     await pgServer()!.adminQuery("SELECT pg_terminate_backend($1)", [pid]);
@@ -52,7 +64,7 @@ forEachBackend("faults and load", (backend: Backend) => {
   it("10 000 blocks with random faults: no leaked connection, no open transaction, exactly the resolved blocks' rows", async function () {
     this.timeout(300_000);
     const started = performance.now();
-    const kinds = ["ok", "throws", "sqlError", "timeout", "abort", ...(backend.kind === "postgres" ? ["killed"] : [])];
+    const kinds = ["ok", "throws", "sqlError", "timeout", "abort", ...(backend.kind === "sqlite" ? [] : ["killed"])];
     const random = seeded(10_000);
     const plan = Array.from({ length: 10_000 }, () => kinds[Math.floor(random() * kinds.length)]!);
     const timeoutMs = backend.kind === "sqlite" ? 5 : 25;

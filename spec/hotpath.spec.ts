@@ -995,7 +995,7 @@ describe("hot path: SQLite statements outside transactions share the connection 
     expect(reg.stats()).to.include({ active: 0 });
   });
 
-  it("drain() while many shared statements are in flight: they are forced once answered, and a transaction waits for their answers", async () => {
+  it("drain() while many shared statements are queued: the one in flight is answered, the queued ones are refused, and a transaction waits", async () => {
     const reg = db.registry();
     await reg.withSession((s) => s.query("SELECT 1")); // initialize
     const ds = reg.dataSource!;
@@ -1005,7 +1005,8 @@ describe("hot path: SQLite statements outside transactions share the connection 
     const allGated = deferred();
     const overlaps: string[] = [];
     instrument(ds, new Map([["hp-gate", gate.promise]]), (sent, pending) => {
-      if (sent.includes("hp-gate") && ++gated === N) allGated.resolve();
+      // One statement at a time on the connection (guarantee 10): the first holds the others back.
+      if (sent.includes("hp-gate") && ++gated === 1) allGated.resolve();
       if (sent.startsWith("BEGIN") && pending.some((u) => u.includes("hp-gate"))) {
         overlaps.push(`BEGIN sent with ${pending.length} reads unanswered`);
       }
@@ -1018,7 +1019,9 @@ describe("hot path: SQLite statements outside transactions share the connection 
       }),
     );
     await allGated.promise;
-    // Forcing the sessions closed (once drain's timer fires) waits for the statements they let through.
+    for (let i = 0; i < 1000 && sessions.length < N; i++) await turns(1);
+    expect(sessions).to.have.length(N);
+    // Forcing the sessions closed (once drain's timer fires) waits for the statement in flight.
     const draining = reg.drain({ timeoutMs: 0 });
     for (let i = 0; i < 100_000 && !sessions.every((s) => s.closed); i++) await turns(1);
     expect(
@@ -1030,6 +1033,7 @@ describe("hot path: SQLite statements outside transactions share the connection 
     await turns(10);
     gate.resolve();
     expect(await draining).to.deep.equal({ waited: 0, forced: N });
+    expect(gated, "queued statements of closed sessions are never sent").to.equal(1);
     for (const outcome of await Promise.allSettled(readers)) {
       expect(outcome.status === "rejected" && outcome.reason).to.be.instanceOf(SessionClosedError);
     }

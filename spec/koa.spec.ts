@@ -7,7 +7,6 @@ import {
   NoActiveSessionError,
   RegistryNotConfiguredError,
   type Session,
-  SessionClosedError,
   type SessionRegistry,
   tryCurrentSession,
 } from "../src/index.js";
@@ -73,49 +72,56 @@ forEachBackend("koa: koaSession", (backend: Backend) => {
     for (const id of ids) expect(log).to.include.members([`open#${id}`, `connect#${id}`, `close#${id}`]);
   });
 
-  it("rolls back a transaction the handler left open when downstream settles", async () => {
+  it("a block downstream left running ends as its body says after downstream settles, then the session closes", async () => {
     const { log } = recordEvents(reg);
+    const committed = deferred<number>();
+    reg.on("commit", (e) => committed.resolve(e.session.id));
+    const settled = deferred();
     const port = await serve(async (ctx) => {
-      const s = currentSession(reg);
-      await s.begin();
-      await s.getRepository(Note).save({ body: "left open" });
-      ctx.body = { session: s.id }; // no commit
+      // Started and not awaited: it outlives downstream, which settles first.
+      void reg.withTransaction(async (s) => {
+        await s.getRepository(Note).save({ body: "later 1" });
+        await settled.promise;
+        await s.getRepository(Note).save({ body: "later 2" });
+      });
+      ctx.body = { session: currentSession(reg).id };
+      ctx.res.on("finish", () => settled.resolve());
     });
-    const { session } = JSON.parse((await send(port, "/", { method: "POST" })).body) as { session: number };
-    expect(reg.stats().active).to.equal(0);
-    expect(log).to.include.members([`begin#${session}`, `rollback#${session}`, `close#${session}`]);
-    expect(log).to.not.include(`commit#${session}`);
-    expect(await count("left open")).to.equal(0);
+    const reply = await send(port, "/", { method: "POST" });
+    const { session } = JSON.parse(reply.body) as { session: number };
+    expect(await within(committed.promise, "the block's COMMIT")).to.equal(session);
+    await idle(reg);
+    expect(log).to.include.members([`begin#${session}`, `commit#${session}`, `close#${session}`]);
+    expect(await count("later 1")).to.equal(1);
+    expect(await count("later 2")).to.equal(1);
     expect(connectionsInUse(reg.dataSource!)).to.equal(0);
   });
 
-  it("a client that goes away mid-request ends the scope: transaction rolled back, session closed, signal aborted", async () => {
+  it("a Session kept past a client's disconnect works again (and closes again); the proxies go on with a new session", async () => {
     const { log } = recordEvents(reg);
-    const inserted = deferred<number>();
-    const after = deferred<unknown>();
-    const downstreamDone = deferred();
+    const first = deferred<number>();
+    const after = deferred<{ kept: unknown; count: number; session: number }>();
     const port = await serve(async (ctx) => {
       const s = currentSession(reg);
-      await s.begin();
-      await s.getRepository(Note).save({ body: "aborted" });
-      inserted.resolve(s.id);
-      // Downstream goes on until the session it works in is closed under it.
+      await s.query("SELECT 1");
+      first.resolve(s.id);
       await new Promise((resolve) => s.signal.addEventListener("abort", resolve, { once: true }));
-      after.resolve(await s.query("SELECT 1").catch((error: unknown) => error));
+      const kept = await s.query("SELECT 1").catch((error: unknown) => error);
+      const notes = await reg.getRepository(Note).count();
+      after.resolve({ kept, count: notes, session: currentSession(reg).id });
       ctx.body = "too late";
-      downstreamDone.resolve();
     });
     let client: ClientRequest | undefined;
-    const reply = send(port, "/", { method: "POST", sent: (req) => (client = req) }).catch((e: unknown) => e);
-    const session = await within(inserted.promise, "the handler to insert its row");
+    const reply = send(port, "/", { sent: (req) => (client = req) }).catch((e: unknown) => e);
+    const session = await within(first.promise, "downstream's first statement");
     client!.destroy();
     expect(await reply).to.be.an("error"); // socket hang up
-    expect(await within(after.promise, "the handler to see its session closed")).to.be.instanceOf(SessionClosedError);
-    await within(downstreamDone.promise, "downstream to finish");
+    const seen = await within(after.promise, "downstream to go on");
+    expect(seen.kept).to.have.length(1);
+    expect(seen.count).to.equal(0);
+    expect(seen.session).to.not.equal(session);
     await idle(reg);
-    expect(log).to.include.members([`rollback#${session}`, `close#${session}`]);
-    expect(log).to.not.include(`commit#${session}`);
-    expect(await count("aborted")).to.equal(0);
+    expect(log).to.include.members([`close#${session}`, `open#${seen.session}`, `close#${seen.session}`]);
     expect(connectionsInUse(reg.dataSource!)).to.equal(0);
   });
 
@@ -162,13 +168,12 @@ forEachBackend("koa: koaSession", (backend: Backend) => {
     let caught: unknown;
     let activeWhenCaught: number | undefined;
     const port = await serve(
-      async () => {
-        const s = currentSession(reg);
-        handlerSession = s.id;
-        await s.begin();
-        await s.getRepository(Note).save({ body: "failed" });
-        throw boom;
-      },
+      () =>
+        reg.withTransaction(async (s) => {
+          handlerSession = s.id;
+          await s.getRepository(Note).save({ body: "failed" });
+          throw boom;
+        }),
       async (ctx, next) => {
         try {
           await next();

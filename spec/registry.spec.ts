@@ -76,10 +76,11 @@ describe("SessionRegistry", () => {
       expect(parseUrl("better-sqlite3:./app.db")).to.deep.equal({ type: "better-sqlite3", database: "./app.db" });
       expect(parseUrl("postgres://u:p@h:5432/d")).to.deep.equal({ type: "postgres", url: "postgres://u:p@h:5432/d" });
       expect(parseUrl("postgresql://h/d")).to.deep.equal({ type: "postgres", url: "postgresql://h/d" });
-      expect(() => parseUrl("mysql://h/d")).to.throw(
+      expect(() => parseUrl("mssql://h/d")).to.throw(
         RangeError,
-        /`url` to start with sqlite:.*got `"mysql:\/\/h\/d"` \(string\)/,
+        /`url` to start with sqlite:.*mariadb:\/\/, got `"mssql:\/\/h\/d"` \(string\)/,
       );
+      expect(parseUrl("mysql://u:p@h:3306/d")).to.deep.equal({ type: "mysql", url: "mysql://u:p@h:3306/d" });
       expect(() => parseUrl("sqlite:")).to.throw(RangeError, /database path/);
       expect(() => parseUrl(5)).to.throw(TypeError, /`url` to be a string, got `5` \(number\)/);
     });
@@ -288,7 +289,7 @@ describe("SessionRegistry", () => {
       expect(() => reg.on("open", "x" as never)).to.throw(TypeError);
     });
 
-    it("stats() counts sessions, the peak, commits and rollbacks", async () => {
+    it("stats() counts sessions, the peak, commits, rollbacks and statements", async () => {
       const reg = db.registry();
       await reg.withSession(() => undefined); // initialized
       const gate = deferred();
@@ -301,15 +302,17 @@ describe("SessionRegistry", () => {
       await reg.withTransaction(async () => undefined);
       await rejectionOf(reg.withTransaction(async () => Promise.reject(new Error("x"))));
       await reg.withTransaction(async () => reg.withTransaction(async () => undefined)); // savepoints do not count
+      await reg.withSession((s) => s.query("SELECT 1")); // BEGIN, COMMIT and ROLLBACK are not statements
       expect(reg.stats()).to.deep.equal({
         active: 0,
         peak: 3,
-        opened: 7,
-        closed: 7,
+        opened: 8,
+        closed: 8,
         commits: 2,
         rollbacks: 1,
         timeouts: 0,
         leaks: 0,
+        statements: 1,
       });
     });
   });

@@ -1,11 +1,11 @@
 import { EventEmitter } from "node:events";
 import { expect } from "chai";
 import { type Session, type SessionRegistry } from "../src/index.js";
-import { type Backend, forEachBackend, type TestDb } from "./support/backends.js";
+import { type Backend, type BackendKind, forEachBackend, type TestDb } from "./support/backends.js";
 import { seeded, turns } from "./support/util.js";
 
-forEachBackend("guarantee 4: scopes never bleed", (backend: Backend) => {
-  let db: TestDb;
+forEachBackend("guarantee 4: scopes never bleed", { mariadb: true }, (backend: Backend<BackendKind>) => {
+  let db: TestDb<BackendKind>;
   let reg: SessionRegistry;
   beforeEach(async () => {
     db = await backend.open();

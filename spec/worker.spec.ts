@@ -1,9 +1,11 @@
 import { expect } from "chai";
+import { type AddressInfo, createServer } from "node:net";
 import { DataSource, type DataSourceOptions } from "typeorm";
-import { Job, jobs, JobWorker, LedgerEntry, runWorkers } from "../examples/worker.js";
+import { findRedis, Job, jobs, JobWorker, LedgerEntry, runBullmqJobs, runWorkers } from "../examples/worker.js";
 import { type Backend, connectionsInUse, forEachBackend } from "./support/backends.js";
 import { SQLITE_DRIVER, TempSqlite } from "./support/sqlite.js";
 import { freshDatabase } from "./support/postgres-hooks.js";
+import { type RedisServer, startRedis } from "./support/redis.js";
 
 // The example imports the package by name (its build in dist/), so this spec uses only
 // the example's own registry and classes.
@@ -56,5 +58,42 @@ forEachBackend("example: background worker", (backend: Backend) => {
     stop.abort();
     await running;
     expect(await jobs.drain({ timeoutMs: 1000 })).to.deep.equal({ waited: 0, forced: 0 });
+  });
+
+  describe("with BullMQ", () => {
+    let redis: RedisServer | undefined;
+    before(async function () {
+      this.timeout(20_000);
+      redis = await startRedis();
+      if (redis === undefined) this.skip();
+    });
+    after(() => redis?.stop());
+
+    it("finds Redis by URL, and says nothing is there when nothing answers", async () => {
+      expect(await findRedis(redis!.url)).to.include({ host: redis!.host, port: redis!.port });
+      const closed = await new Promise<number>((resolve) => {
+        const probe = createServer().listen(0, "127.0.0.1", () => {
+          const { port } = probe.address() as AddressInfo;
+          probe.close(() => resolve(port));
+        });
+      });
+      expect(await findRedis(`redis://127.0.0.1:${closed}`)).to.equal(undefined);
+    });
+
+    it("processes every job once, after the COMMIT that stored its row, each in its own transaction", async function () {
+      this.timeout(60_000);
+      const amounts = Array.from({ length: 12 }, (_, i) => i + 1);
+      const fails = (i: number) => i % 5 === 3;
+      const { rows, addedByRollback } = await runBullmqJobs((await findRedis(redis!.url))!, amounts, fails);
+      expect(addedByRollback).to.equal(0);
+      expect(rows.map((j) => j.status)).to.deep.equal(amounts.map((_, i) => (fails(i) ? "failed" : "done")));
+      const ledger = await jobs.withSession((s) => s.getRepository(LedgerEntry).find());
+      // A failed job's ledger entry was rolled back with its transaction.
+      expect(ledger.map((e) => e.job).sort((a, b) => a - b)).to.deep.equal(
+        rows.filter((j) => j.status === "done").map((j) => j.id),
+      );
+      expect(jobs.stats().active).to.equal(0);
+      expect(connectionsInUse(dataSource)).to.equal(0);
+    });
   });
 });

@@ -24,10 +24,10 @@ export type {
   SessionStats,
   UrlRegistryOptions,
 } from "./core/registry.js";
-export { currentSession, tryCurrentSession, withSession, withTransaction } from "./core/functions.js";
+export { currentSession, openSession, tryCurrentSession, withSession, withTransaction } from "./core/functions.js";
 export type { SessionBody } from "./core/block.js";
 export { isRetryableError } from "./core/options.js";
-export type { IsolationLevel, Propagation, RetryOptions, SessionOptions } from "./core/options.js";
+export type { IsolationLevel, OpenOptions, Propagation, RetryOptions, SessionOptions } from "./core/options.js";
 export { Session } from "./core/session.js";
 export { Transactional, UsesSession } from "./decorators/uses-session.js";
 export type { SessionDecorator } from "./decorators/uses-session.js";

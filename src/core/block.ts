@@ -1,5 +1,5 @@
 import { NoActiveSessionError, PropagationError, SessionClosedError, SessionTimeoutError } from "../errors.js";
-import { describe, resolveOptions, type ResolvedOptions, type ResolvedRetry } from "./options.js";
+import { describe, resolveOpenOptions, resolveOptions, type ResolvedOptions, type ResolvedRetry } from "./options.js";
 import type { RegistryHost, SessionRegistry } from "./registry.js";
 import { findScope, type Frame, lineage, type RequestEnd, type Scope, storage } from "./scope.js";
 import type { Session, SessionCallback } from "./session.js";
@@ -62,7 +62,14 @@ export async function execute<T>(bound: SessionRegistry, fn: SessionBody<T>, opt
       `A block with propagation "mandatory"${opts.name === undefined ? "" : ` (${opts.name})`}`,
     );
   }
-  if (opts.propagation === "requiresNew" || opts.detached === true) assertSecondSessionAllowed(here, host, opts);
+  if (opts.propagation === "requiresNew" || opts.detached === true) {
+    assertSecondSessionAllowed(
+      here,
+      host,
+      opts.name,
+      opts.detached === true ? "detached()" : 'propagation "requiresNew"',
+    );
+  }
   const open = (attempt: number | undefined): Promise<T> => {
     const session = host.createSession(opts.name);
     if (opts.holdConnection) session._holdConnection();
@@ -119,6 +126,33 @@ export async function openScope<T>(registry: SessionRegistry, fn: () => T | Prom
   const host = await readyHost(registry);
   const scope: Scope = { registry, session: undefined, ended: false };
   return settle(scope, host, [], undefined, () => storage.run({ scope, parent: storage.getStore() }, fn));
+}
+
+/**
+ * `registry.open()` / `openSession()`: a new session that the caller owns and closes
+ * (`close()`, `await using`). Bound to no scope; with `transaction` it begins at once,
+ * and what is left uncommitted is rolled back when it closes.
+ *
+ * @internal
+ */
+export async function openExplicit(bound: SessionRegistry, options: unknown): Promise<Session> {
+  const opts = resolveOpenOptions(options);
+  const host = await readyHost(opts.registry ?? bound);
+  assertSecondSessionAllowed(storage.getStore(), host, opts.name, "open()");
+  const session = host.createSession(opts.name);
+  if (opts.holdConnection) session._holdConnection();
+  const timer = timeout(session, host, opts.timeoutMs);
+  session._ownByCaller(() => clearTimeout(timer));
+  if (opts.transaction) {
+    try {
+      // No owner frame: whoever holds the session may use and end this transaction.
+      await session._enter(undefined, opts);
+    } catch (error) {
+      await session.close();
+      throw error;
+    }
+  }
+  return session;
 }
 
 /**
@@ -282,6 +316,7 @@ async function transactional<T>(
   let value: T;
   try {
     value = await fn(session);
+    await session._beforeCommit(handle);
   } catch (error) {
     session._markRollbackOnly(handle, opts.name);
     if (owner) session._markClosing();
@@ -303,7 +338,12 @@ async function transactional<T>(
  * On a single-connection driver, a second session would wait for the connection
  * that an enclosing transaction holds until that transaction ends: forever.
  */
-function assertSecondSessionAllowed(here: Frame | undefined, host: RegistryHost, opts: BlockOptions): void {
+function assertSecondSessionAllowed(
+  here: Frame | undefined,
+  host: RegistryHost,
+  name: string | undefined,
+  how: string,
+): void {
   const lease = host.lease;
   if (lease === undefined) return;
   const holders = [...lineage(here)].map((f) => f.scope.session);
@@ -311,9 +351,8 @@ function assertSecondSessionAllowed(here: Frame | undefined, host: RegistryHost,
   if (lease.holder?._test === true) holders.push(lease.holder);
   for (const session of holders) {
     if (session !== undefined && session._holdsTransactionOn(lease)) {
-      const how = opts.detached === true ? "detached()" : 'propagation "requiresNew"';
       throw new PropagationError(
-        `Block${opts.name === undefined ? "" : ` "${opts.name}"`} asks for a new session (${how}) ` +
+        `Block${name === undefined ? "" : ` "${name}"`} asks for a new session (${how}) ` +
           `inside an open transaction of ${String(session)}, but this ${host.family} database has a single ` +
           `connection, which that transaction holds until it ends: the block would wait forever. Use ` +
           `propagation "required" (a savepoint), or start the work from session.afterCommit().`,

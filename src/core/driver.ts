@@ -43,8 +43,10 @@ export function isSingleConnection(dataSource: DataSource): boolean {
 
 /**
  * @internal Never let a connection whose COMMIT or ROLLBACK failed be reused: a
- * pooled connection is destroyed; the single shared one is rolled back as far as
- * it goes and TypeORM's idea of its state reset.
+ * pooled connection is destroyed (PostgreSQL: released with the error, which makes
+ * node-postgres end it; MySQL: `destroy()`, which closes it and takes it out of the
+ * pool); the single shared one is rolled back as far as it goes and TypeORM's idea
+ * of its state reset.
  */
 export async function discardConnection(runner: QueryRunner, shared: boolean, error: unknown): Promise<void> {
   if (shared) {
@@ -63,12 +65,26 @@ export async function discardConnection(runner: QueryRunner, shared: boolean, er
   try {
     if (typeof destroy === "function") {
       await destroy.call(runner, error instanceof Error ? error : new Error(String(error)));
-    } else {
+    } else if (!destroyMysqlConnection(runner)) {
       await runner.release();
     }
   } catch {
     // Releasing a broken connection may fail as well; it is gone either way.
   }
+}
+
+/**
+ * A MySQL runner's pooled connection (mysql2 or mysql) destroyed instead of released:
+ * `destroy()` closes the socket and takes it out of the pool. The runner is then
+ * released as TypeORM's `release()` would, without handing the connection back.
+ */
+function destroyMysqlConnection(runner: QueryRunner): boolean {
+  if (runner.constructor.name !== "MysqlQueryRunner") return false;
+  const connection = (runner as unknown as { databaseConnection?: { destroy?: () => void } }).databaseConnection;
+  if (typeof connection?.destroy !== "function") return false;
+  Object.assign(runner, { isReleased: true });
+  connection.destroy();
+  return true;
 }
 
 /**
@@ -95,10 +111,14 @@ export function reconnectable(runner: QueryRunner): void {
 
 /**
  * @internal Cancel the statement `runner`'s connection is running, from a connection
- * of its own, where the driver can: PostgreSQL (`pg_cancel_backend`). A no-op elsewhere.
+ * of its own (the pool may be exhausted), where the driver can: PostgreSQL
+ * (`pg_cancel_backend`), MySQL and MariaDB (`KILL QUERY`, which ends the statement
+ * and keeps the connection and its transaction). A no-op elsewhere.
  */
 export async function cancelStatement(dataSource: DataSource, runner: QueryRunner): Promise<void> {
-  if (familyOf(dataSource) !== "postgres") return;
+  const family = familyOf(dataSource);
+  if (family === "mysql") return cancelMysqlStatement(dataSource, runner);
+  if (family !== "postgres") return;
   const driver = dataSource.driver as unknown as {
     postgres?: { Client: new (options: unknown) => PgClient };
     master?: { options?: unknown };
@@ -118,4 +138,51 @@ interface PgClient {
   connect(): Promise<unknown>;
   query(sql: string, parameters: unknown[]): Promise<unknown>;
   end(): Promise<unknown>;
+}
+
+/** The part of a mysql2 (or mysql) connection used to cancel a statement. */
+interface MysqlConnection {
+  threadId?: number | null;
+  config?: Record<string, unknown>;
+  on(event: "error", listener: (error: unknown) => void): unknown;
+  query(sql: string, parameters: unknown[], callback: (error: unknown) => void): unknown;
+  destroy(): void;
+}
+
+/** What a connection to the same server as the runner's needs: where, who, and how. */
+const MYSQL_CONNECT_KEYS = ["host", "port", "socketPath", "localAddress", "user", "password", "ssl", "authPlugins"];
+const MYSQL_CANCEL_TIMEOUT_MS = 5_000;
+
+/**
+ * `KILL QUERY <thread id>` on a new connection made with the runner's connection's own
+ * settings (so it reaches the same server, replicas included), bounded in time.
+ */
+async function cancelMysqlStatement(dataSource: DataSource, runner: QueryRunner): Promise<void> {
+  const mysql = (dataSource.driver as unknown as { mysql?: { createConnection?: (o: unknown) => MysqlConnection } })
+    .mysql;
+  const busy = (runner as unknown as { databaseConnection?: MysqlConnection }).databaseConnection;
+  const threadId = busy?.threadId;
+  if (typeof mysql?.createConnection !== "function" || typeof threadId !== "number" || busy?.config === undefined) {
+    return;
+  }
+  const options: Record<string, unknown> = { connectTimeout: MYSQL_CANCEL_TIMEOUT_MS };
+  for (const key of MYSQL_CONNECT_KEYS) if (busy.config[key] !== undefined) options[key] = busy.config[key];
+  const connection = mysql.createConnection(options);
+  connection.on("error", () => undefined);
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    await new Promise<void>((resolve, reject) => {
+      timer = setTimeout(
+        () => reject(new Error(`KILL QUERY ${threadId} did not answer within ${MYSQL_CANCEL_TIMEOUT_MS} ms`)),
+        MYSQL_CANCEL_TIMEOUT_MS,
+      );
+      connection.query(`KILL QUERY ${threadId}`, [], (error) =>
+        // 1094 (unknown thread): the connection is gone already, and its statement with it.
+        error && (error as { errno?: unknown }).errno !== 1094 ? reject(error) : resolve(),
+      );
+    });
+  } finally {
+    clearTimeout(timer);
+    connection.destroy();
+  }
 }

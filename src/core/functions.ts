@@ -1,6 +1,6 @@
 import type { SessionBody } from "./block.js";
-import { runBlock } from "./block.js";
-import type { SessionOptions } from "./options.js";
+import { openExplicit, runBlock } from "./block.js";
+import type { OpenOptions, SessionOptions } from "./options.js";
 import { defaultRegistry, type SessionRegistry } from "./registry.js";
 import type { Session } from "./session.js";
 
@@ -90,4 +90,21 @@ export function currentSession(registry?: SessionRegistry): Session {
  */
 export function tryCurrentSession(registry?: SessionRegistry): Session | undefined {
   return (registry ?? defaultRegistry).tryCurrent();
+}
+
+/**
+ * `registry.open(options)` of `options.registry` (default: `defaultRegistry`): a new
+ * session that the caller owns and closes. See {@link SessionRegistry.open}.
+ *
+ * @param options - `registry`, `transaction`, `isolation`, `readOnly`, `timeoutMs`, `name`, `holdConnection`
+ * @returns the open session
+ * @example
+ * ```ts
+ * await using s = await openSession({ transaction: true });
+ * await s.getRepository(User).save(user);
+ * await s.commit();
+ * ```
+ */
+export function openSession(options?: OpenOptions): Promise<Session> {
+  return openExplicit(defaultRegistry, options);
 }

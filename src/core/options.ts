@@ -231,6 +231,41 @@ function expectOneOf<T extends string>(key: string, value: unknown, allowed: rea
 }
 
 /**
+ * Options of `registry.open()` and `openSession()`: those of a block that make sense
+ * for a session the caller owns (it never joins another, so no `propagation`,
+ * `savepoint`, `durable` or `retry`).
+ */
+export type OpenOptions = Pick<
+  SessionOptions,
+  "registry" | "transaction" | "isolation" | "readOnly" | "timeoutMs" | "name" | "holdConnection"
+>;
+
+const OPEN_KNOWN = new Set<string>([
+  "registry",
+  "transaction",
+  "isolation",
+  "readOnly",
+  "timeoutMs",
+  "name",
+  "holdConnection",
+]);
+
+/** @internal Validate the options of `open()`; those of a block that do not apply are refused by name. */
+export function resolveOpenOptions(options: unknown): ResolvedOptions {
+  if (typeof options === "object" && options !== null) {
+    for (const key of Object.keys(options)) {
+      if (KNOWN.has(key) && !OPEN_KNOWN.has(key)) {
+        throw new TypeError(
+          `\`${key}\` does not apply to open(): an opened session is always a new one, on its own connection, ` +
+            `that never joins another. Use a block (withSession/withTransaction) for \`${key}\`.`,
+        );
+      }
+    }
+  }
+  return resolveOptions(options, undefined, false);
+}
+
+/**
  * @internal Validate block options. Throws `TypeError`/`RangeError` naming the
  * option and the value received.
  */
@@ -343,9 +378,10 @@ function resolveRetry(retry: unknown): ResolvedRetry | undefined {
 
 /**
  * Whether an error is worth a new attempt of the whole transaction: a PostgreSQL
- * serialization failure (`40001`) or deadlock (`40P01`), or SQLite's `SQLITE_BUSY`
- * (another connection holds the database lock). Looks through TypeORM's
- * `QueryFailedError` at the driver's error.
+ * serialization failure (`40001`) or deadlock (`40P01`), a MySQL/MariaDB deadlock
+ * (`1213`, `ER_LOCK_DEADLOCK`) or lock wait timeout (`1205`, `ER_LOCK_WAIT_TIMEOUT`),
+ * or SQLite's `SQLITE_BUSY` (another connection holds the database lock). Looks
+ * through TypeORM's `QueryFailedError` at the driver's error.
  *
  * @param error - anything thrown
  * @returns `true` for those errors (also when wrapped as `driverError` or `cause`), else `false`
@@ -356,8 +392,11 @@ function resolveRetry(retry: unknown): ResolvedRetry | undefined {
  */
 export function isRetryableError(error: unknown): boolean {
   for (let e: unknown = error, depth = 0; typeof e === "object" && e !== null && depth < 3; depth++) {
-    const { code, message } = e as { code?: unknown; message?: unknown };
+    const { code, errno, message } = e as { code?: unknown; errno?: unknown; message?: unknown };
     if (code === "40001" || code === "40P01") return true;
+    // MySQL drivers (mysql2, mysql): numeric `errno`, symbolic `code`.
+    if (errno === 1213 || errno === 1205) return true;
+    if (code === "ER_LOCK_DEADLOCK" || code === "ER_LOCK_WAIT_TIMEOUT") return true;
     if (typeof code === "string" && code.startsWith("SQLITE_BUSY")) return true;
     if (typeof message === "string" && message.startsWith("SQLITE_BUSY")) return true;
     e = (e as { driverError?: unknown; cause?: unknown }).driverError ?? (e as { cause?: unknown }).cause;

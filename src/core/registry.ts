@@ -6,11 +6,11 @@ import {
   RegistryNotConfiguredError,
   SessionClosedError,
 } from "../errors.js";
-import { openScope, runBlock, scopeSession, type SessionBody } from "./block.js";
+import { openExplicit, openScope, runBlock, scopeSession, type SessionBody } from "./block.js";
 import { type DriverFamily, familyOf, isSingleConnection } from "./driver.js";
 import { initializeOnce, trackInitialization } from "./initialization.js";
 import { Lease } from "./lease.js";
-import { describe, type SessionOptions } from "./options.js";
+import { describe, type OpenOptions, type SessionOptions } from "./options.js";
 import { findScope, type Scope, storage } from "./scope.js";
 import { scopedManager, scopedRepository } from "./proxies.js";
 import { Session, type SessionHost } from "./session.js";
@@ -118,6 +118,8 @@ export interface SessionEvent {
   readonly attempt?: number;
   /** On `close`: the session had been reported through `leak`. */
   readonly leakReported?: boolean;
+  /** On `close`: how many statements the session ran. */
+  readonly statements?: number;
 }
 
 /**
@@ -150,6 +152,8 @@ export interface SessionStats {
   readonly timeouts: number;
   /** Sessions reported through `leak`. */
   readonly leaks: number;
+  /** Statements run by every session so far (see {@link Session.statements}). */
+  readonly statements: number;
 }
 
 /** Options of {@link SessionRegistry.drain}. */
@@ -232,6 +236,9 @@ export class SessionRegistry {
   #rollbacks = 0;
   #timeouts = 0;
   #leaks = 0;
+  #statements = 0;
+  /** Statements of closed sessions already in `#statements`, for those that reopen. */
+  #counted = new WeakMap<Session, number>();
   #leakDetectionMs: number | undefined;
   /** Open sessions, with their leak timers. */
   readonly #open = new Map<Session, { timer?: NodeJS.Timeout; leaked?: boolean }>();
@@ -587,7 +594,39 @@ export class SessionRegistry {
       rollbacks: this.#rollbacks,
       timeouts: this.#timeouts,
       leaks: this.#leaks,
+      statements: [...this.#open.keys()].reduce(
+        (sum, session) => sum + session.statements - (this.#counted.get(session) ?? 0),
+        this.#statements,
+      ),
     };
+  }
+
+  /**
+   * A new session that the caller owns, for explicit use: the counterpart of
+   * Python's `with Session() as s:`. Close it with `await using` or
+   * `try { ... } finally { await s.close() }`. It is bound to no scope
+   * (`current()` does not see it; {@link Session.run} makes it current for the code
+   * it runs) and never joins the caller's session. A transaction it began
+   * (`transaction: true` or `s.begin()`) and did not commit with `s.commit()` is
+   * rolled back when it closes. Outside a transaction it takes a pooled connection
+   * per statement, like every session (`holdConnection: true` keeps one).
+   *
+   * @param options - `transaction`, `isolation`, `readOnly`, `timeoutMs` (then it is
+   *   force-closed, and later use fails with {@link SessionClosedError}), `name`, `holdConnection`
+   * @returns the open session (its transaction begun, with `transaction: true`)
+   * @throws TypeError/RangeError (as a rejection) on invalid options, or options of a block that do not apply
+   * @throws {@link PropagationError} (as a rejection) on SQLite inside an open transaction of the caller's
+   *   scope, whose single connection the new session would wait for forever
+   * @throws {@link RegistryClosedError} (as a rejection) once {@link drain} has begun
+   * @example
+   * ```ts
+   * await using s = await db.open({ transaction: true });
+   * await s.getRepository(Invoice).save(invoices);
+   * await s.commit(); // without it, closing rolls back
+   * ```
+   */
+  open(options?: OpenOptions): Promise<Session> {
+    return openExplicit(this, options);
   }
 
   /**
@@ -745,6 +784,13 @@ export class SessionRegistry {
       leases.set(dataSource, lease);
     }
     const family: DriverFamily = familyOf(dataSource);
+    const track = (session: Session): void => {
+      this.#opened += 1;
+      this.#active += 1;
+      if (this.#active > this.#peak) this.#peak = this.#active;
+      this.#open.set(session, this.#leakWatch(session));
+      this.#emit("open", session);
+    };
     const host = {
       dataSource,
       family,
@@ -755,12 +801,13 @@ export class SessionRegistry {
       createSession: (name: string | undefined): Session => {
         host.assertOpen();
         const session = Session._create(this, host, name);
-        this.#opened += 1;
-        this.#active += 1;
-        if (this.#active > this.#peak) this.#peak = this.#active;
-        this.#open.set(session, this.#leakWatch(session));
-        this.#emit("open", session);
+        track(session);
         return session;
+      },
+      reopened: (session: Session): boolean => {
+        if (this.#draining) return false;
+        track(session);
+        return true;
       },
       timedOut: (session: Session, durationMs: number): void => {
         this.#timeouts += 1;
@@ -780,7 +827,15 @@ export class SessionRegistry {
         this.#open.delete(session);
         this.#active -= 1;
         this.#closed += 1;
-        this.#emit("close", session, watch?.leaked ? { durationMs, leakReported: true } : { durationMs });
+        const statements = session.statements;
+        // A reopened request session closes again: count only what it ran since.
+        this.#statements += statements - (this.#counted.get(session) ?? 0);
+        this.#counted.set(session, statements);
+        this.#emit(
+          "close",
+          session,
+          watch?.leaked ? { durationMs, statements, leakReported: true } : { durationMs, statements },
+        );
         if (this.#open.size === 0) this.#idle?.();
       },
     };
@@ -875,38 +930,44 @@ function dataSourceInput(options: SessionRegistryOptions): DataSourceInput | und
 
 /**
  * `sqlite:PATH`, `sqlite::memory:`, `better-sqlite3:PATH`, `postgres://...` (or
- * `postgresql://...`) to the DataSource options that select the driver.
+ * `postgresql://...`), `mysql://...` or `mariadb://...` to the DataSource options
+ * that select the driver.
  *
  * @param url - the database URL
- * @returns the DataSource options `type` and `database` (SQLite) or `url` (PostgreSQL)
+ * @returns the DataSource options `type` and `database` (SQLite) or `url` (PostgreSQL, MySQL, MariaDB)
  * @throws TypeError when `url` is not a string
  * @throws RangeError when the scheme is not one of the above, or the path or host part is missing
  * @example
  * ```ts
  * parseUrl("sqlite:./app.db"); // { type: "sqlite", database: "./app.db" }
  * parseUrl("postgres://app@localhost/app"); // { type: "postgres", url: "postgres://app@localhost/app" }
+ * parseUrl("mysql://app:secret@localhost:3306/app"); // { type: "mysql", url: "mysql://app:secret@localhost:3306/app" }
  * ```
  */
 export function parseUrl(url: unknown): {
-  /** The TypeORM driver: `"sqlite"`, `"better-sqlite3"` or `"postgres"`. */
+  /** The TypeORM driver: `"sqlite"`, `"better-sqlite3"`, `"postgres"`, `"mysql"` or `"mariadb"`. */
   type: string;
   /** The database file, or `:memory:` (SQLite drivers). */
   database?: string;
-  /** The connection URL (PostgreSQL). */
+  /** The connection URL (PostgreSQL, MySQL, MariaDB). */
   url?: string;
 } {
   if (typeof url !== "string") throw new TypeError(`Expected \`url\` to be a string, got ${describe(url)}`);
-  const match = /^(sqlite|better-sqlite3|postgres|postgresql):(.*)$/.exec(url);
+  const match = /^(sqlite|better-sqlite3|postgres|postgresql|mysql|mariadb):(.*)$/.exec(url);
   if (match === null) {
     throw new RangeError(
-      `Expected \`url\` to start with sqlite:, better-sqlite3:, postgres:// or postgresql://, got ${describe(url)}`,
+      "Expected `url` to start with sqlite:, better-sqlite3:, postgres://, postgresql://, mysql:// or mariadb://, " +
+        `got ${describe(url)}`,
     );
   }
   const [, scheme, rest] = match as unknown as [string, string, string];
-  if (scheme === "postgres" || scheme === "postgresql") {
-    if (!rest.startsWith("//"))
-      throw new RangeError(`Expected \`url\` of the form postgres://user:pw@host:5432/db, got ${describe(url)}`);
-    return { type: "postgres", url };
+  if (scheme !== "sqlite" && scheme !== "better-sqlite3") {
+    const type = scheme === "postgresql" ? "postgres" : scheme;
+    if (!rest.startsWith("//")) {
+      const port = type === "postgres" ? 5432 : 3306;
+      throw new RangeError(`Expected \`url\` of the form ${scheme}://user:pw@host:${port}/db, got ${describe(url)}`);
+    }
+    return { type, url };
   }
   const database = rest.startsWith("//") ? rest.slice(2) : rest;
   if (database === "") throw new RangeError(`Expected a database path after "${scheme}:", got ${describe(url)}`);

@@ -6,7 +6,7 @@ import type { SessionRegistry } from "./registry.js";
 import { cancelStatement, canReconnect, reconnectable } from "./driver.js";
 import { sessionManager } from "./manager.js";
 import { queueOf } from "./statement-queue.js";
-import { type Frame, isWithin, lineage, type RequestEnd, storage } from "./scope.js";
+import { type Frame, isWithin, lineage, type RequestEnd, scopeOf, storage } from "./scope.js";
 import { discardConnection, type DriverFamily } from "./driver.js";
 
 /** A callback registered with {@link Session.afterCommit} or {@link Session.afterRollback}. */
@@ -37,6 +37,7 @@ interface Level {
   readonly startedAt: number;
   afterCommit: SessionCallback[] | undefined;
   afterRollback: SessionCallback[] | undefined;
+  beforeCommit: SessionCallback[] | undefined;
   /** Name of an inner block that failed inside this level with `savepoint: false`. */
   rollbackOnly: string | undefined;
   /** The BEGIN or SAVEPOINT has been executed (until then there is nothing to undo). */
@@ -77,6 +78,8 @@ export interface SessionHost {
   emit(event: "connect" | "begin" | "commit" | "rollback" | "close", session: Session, extra?: object): void;
   reportError(session: Session, error: unknown): void;
   closed(session: Session, durationMs: number): void;
+  /** A closed request session is used again: count it as open; false while the registry drains. */
+  reopened(session: Session): boolean;
 }
 
 const OPEN = 0;
@@ -121,7 +124,7 @@ export class Session {
   readonly registry: SessionRegistry;
 
   readonly #host: SessionHost;
-  readonly #openedAt = performance.now();
+  #openedAt = performance.now();
   #state = OPEN;
   /** Frame that runs the final COMMIT/ROLLBACK: its work is allowed while closing. */
   #closer: Frame | undefined;
@@ -165,6 +168,10 @@ export class Session {
   readonly #pending = new Set<PropertyKey>();
   /** A request's session once its request is over: it closes as soon as nothing of it runs. */
   #requestOver: RequestEnd | undefined;
+  /** Closed (or closing) only because its request was over and nothing of it ran: it may reopen. */
+  #idleClosed = false;
+  /** Set on a session from `open()`, which its caller closes: stops its timeout. */
+  #callerOwned: (() => void) | undefined;
   /** Blocks of an ended request still running on this session. */
   #busy = 0;
 
@@ -230,6 +237,9 @@ export class Session {
    * ```
    */
   query<T = any>(sql: string, parameters?: unknown[]): Promise<T> {
+    // A `query` assigned on `s.queryRunner` (a spy, an APM wrapper) sees these too.
+    const assigned = this.#handler?.assigned("query");
+    if (assigned !== undefined) return Promise.resolve(assigned.call(this.#runner, sql, parameters) as T);
     return this.#statement(sql, parameters, false) as Promise<T>;
   }
 
@@ -294,7 +304,14 @@ export class Session {
    */
   async commit(): Promise<void> {
     const top = this.#ownTop("commit");
-    const outcome = await this._exit({ level: top, joined: false } satisfies Handle, true);
+    const handle: Handle = { level: top, joined: false };
+    try {
+      await this._beforeCommit(handle);
+    } catch (error) {
+      await this._runCallbacks((await this._exit(handle, false)).callbacks);
+      throw error;
+    }
+    const outcome = await this._exit(handle, true);
     await this._runCallbacks(outcome.callbacks);
     if ("error" in outcome) throw outcome.error;
   }
@@ -361,6 +378,107 @@ export class Session {
     if (level !== undefined && !level.invisible) (level.afterRollback ??= []).push(callback);
   }
 
+  /**
+   * Run `callback` inside the outermost transaction, just before its COMMIT, after the
+   * block's body (callbacks run in the order registered and are awaited; they may run
+   * statements, which belong to the transaction). One that throws rolls the
+   * transaction back, and the block rejects with its error. Registered inside a
+   * savepoint, it is dropped if that savepoint rolls back.
+   *
+   * @param callback - called with no arguments; may return a promise, which is awaited
+   * @throws TypeError when `callback` is not a function
+   * @throws {@link TransactionNotActiveError} outside a transaction
+   * @throws {@link SessionClosedError} when the session is closing or closed
+   * @example
+   * ```ts
+   * await withTransaction(async (s) => {
+   *   s.beforeCommit(() => s.query("SELECT check_ledger_balanced()"));
+   *   await s.getRepository(Entry).save(entries);
+   * });
+   * ```
+   */
+  beforeCommit(callback: SessionCallback): void {
+    assertCallback(callback, "beforeCommit");
+    const frame = storage.getStore();
+    this.#assertUsable(frame);
+    const level = this.#levelOf(frame);
+    if (level === undefined || level.invisible) throw new TransactionNotActiveError(String(this), "beforeCommit");
+    (level.beforeCommit ??= []).push(callback);
+  }
+
+  /**
+   * Run `fn` in a scope whose session is this one, so that `currentSession()`, the
+   * registry's proxies and blocks inside `fn` (which join it) see it: the way to hand
+   * a session from {@link SessionRegistry.open} to code written for scopes.
+   *
+   * @param fn - the code to run; may return a promise
+   * @returns what `fn` returns (a rejection when `fn` throws)
+   * @throws TypeError (as a rejection) when `fn` is not a function
+   * @throws {@link SessionClosedError} (as a rejection) when the session is closing or closed
+   * @example
+   * ```ts
+   * await using s = await db.open({ transaction: true });
+   * await s.run(() => importInvoices(file)); // importInvoices() uses db.getRepository(Invoice)
+   * await s.commit();
+   * ```
+   */
+  run<T>(fn: () => T | Promise<T>): Promise<T> {
+    try {
+      if (typeof fn !== "function")
+        throw new TypeError(`Expected the body of run() to be a function, got ${typeof fn}`);
+      const here = storage.getStore();
+      this.#assertUsable(here);
+      return Promise.resolve(storage.run({ scope: scopeOf(here, this), parent: here }, fn));
+    } catch (error) {
+      return Promise.reject(error);
+    }
+  }
+
+  /**
+   * Close a session from {@link SessionRegistry.open}: roll back what is uncommitted,
+   * release the connection, run the `afterRollback` callbacks, abort {@link signal}.
+   * Idempotent. A session that a block, a scope or a request owns is closed by its
+   * owner instead.
+   *
+   * @throws {@link PropagationError} (as a rejection) on a session that a block owns
+   * @example
+   * ```ts
+   * const s = await db.open();
+   * try {
+   *   await s.getRepository(User).save(user);
+   * } finally {
+   *   await s.close();
+   * }
+   * ```
+   */
+  async close(): Promise<void> {
+    const stop = this.#callerOwned;
+    if (stop === undefined) {
+      throw new PropagationError(
+        `${String(this)} belongs to the block, scope or request that opened it, which removes it when it ` +
+          `settles: close() is for sessions from registry.open() or openSession(). To end a scope's session ` +
+          `early, call registry.remove() inside the scope.`,
+      );
+    }
+    stop();
+    await this._runCallbacks(await this._close());
+  }
+
+  /**
+   * {@link close}, for `await using s = await db.open()`.
+   *
+   * @example
+   * ```ts
+   * {
+   *   await using s = await db.open();
+   *   await s.query("SELECT 1");
+   * } // closed here
+   * ```
+   */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
+  }
+
   // ---------------------------------------------------------------------------
   // Used by blocks and the registry. Not part of the public API.
 
@@ -368,6 +486,7 @@ export class Session {
   _usableFrom(frame: Frame | undefined): boolean {
     if (this.#broken !== undefined) return false;
     if (this.#state === OPEN) return true;
+    if (this.#state === CLOSED && this.#idleClosed) return this.#reopen();
     return this.#state === CLOSING && this.#closer !== undefined && isWithin(frame, this.#closer);
   }
 
@@ -392,6 +511,8 @@ export class Session {
    * Waits while another block of this session owns the open transaction.
    */
   _enter(frame: Frame | undefined, spec: LevelSpec): Promise<LevelHandle> {
+    const reopening = this.#reopening();
+    if (reopening !== undefined) return reopening.then(() => this._enter(frame, spec));
     if (!this._usableFrom(frame)) return Promise.reject(this.#closedError());
     if (this.#mayRun(frame)) {
       try {
@@ -440,6 +561,24 @@ export class Session {
       const outcome = await this.#end(level, commit);
       return callbacks.length === 0 ? outcome : { ...outcome, callbacks: [...callbacks, ...outcome.callbacks] };
     });
+  }
+
+  /** @internal This session comes from `open()`: its caller closes it; `stop` ends its timeout. */
+  _ownByCaller(stop: () => void): void {
+    this.#callerOwned = stop;
+  }
+
+  /**
+   * @internal A block's body has resolved: run the `beforeCommit` callbacks of its level
+   * if its COMMIT is the outermost one (to the code under test). They may add more.
+   */
+  async _beforeCommit(handle: LevelHandle): Promise<void> {
+    const { level, joined } = handle as Handle;
+    if (joined) return;
+    if (level.savepoint && this.#levels[this.#levels.indexOf(level) - 1]?.invisible !== true) return;
+    for (let next = level.beforeCommit?.shift(); next !== undefined; next = level.beforeCommit?.shift()) {
+      await next();
+    }
   }
 
   /** @internal A block that joined with `savepoint: false` failed: the joined level must not commit. */
@@ -505,6 +644,7 @@ export class Session {
   async _kill(reason: Error): Promise<void> {
     if (this.#state === CLOSED) return;
     this.#killed ??= reason;
+    this.#idleClosed = false;
     const killing = (async () => {
       if (this.#inFlight.size > 0) await this.#cancelStatement();
       await this._runCallbacks(await this._close());
@@ -582,7 +722,39 @@ export class Session {
     ) {
       return;
     }
+    this.#idleClosed = true;
     if (!this._closeIdle()) void this._close().then((callbacks) => this._runCallbacks(callbacks));
+  }
+
+  /**
+   * A request's session that closed once idle, after its request was over, is used
+   * again through a reference kept from before (`const s = currentSession()` in a
+   * handler that goes on after the client left): like SQLAlchemy's Session after
+   * `close()`, it starts afresh, and closes again as soon as that work is done. Not
+   * after a timeout, a drain or a discarded connection.
+   */
+  #reopen(): boolean {
+    const real = this.#real;
+    const pooled = real !== undefined && this.#host.lease === undefined;
+    if (pooled && this.#connected !== false && !canReconnect(real)) return false;
+    if (!this.#host.reopened(this)) return false;
+    if (pooled && this.#connected !== false) {
+      reconnectable(real);
+      this.#connected = false;
+    }
+    this.#idleClosed = false;
+    this.#state = OPEN;
+    this.#closing = undefined;
+    this.#closer = undefined;
+    this.#openedAt = performance.now();
+    // Nothing may keep it open now: close it again once this use is over.
+    setImmediate(() => this.#closeIfIdle());
+    return true;
+  }
+
+  /** The session is closing only because its request is over and it was idle: wait for that, then reopen. */
+  #reopening(): Promise<void> | undefined {
+    return this.#state === CLOSING && this.#idleClosed ? this.#closing!.then(() => undefined) : undefined;
   }
 
   /** @internal Whether the session is still waiting for its connection (the pool, or SQLite's lease). */
@@ -1064,6 +1236,8 @@ export class Session {
 
   async #statement(sql: string, parameters: unknown[] | undefined, structured: boolean): Promise<unknown> {
     const frame = storage.getStore();
+    const reopening = this.#reopening();
+    if (reopening !== undefined) await reopening;
     if (this.#real === undefined) this.#createRunner();
     const real = this.#real!;
     const lease = this.#host.lease;
@@ -1111,7 +1285,11 @@ export class Session {
     // The shared runner's query runs on this session's view, so that the events it
     // broadcasts (BeforeQuery, AfterQuery) carry this session's runner and manager even
     // while other sessions' statements run alongside.
-    const running = this.#send(() => runQuery(real, this.#runner!, sql, parameters, structured));
+    const running = this.#send(() => {
+      // Queued behind other sessions' statements: refused if this session was closed meanwhile.
+      this.#assertUsable(frame);
+      return runQuery(real, this.#runner!, sql, parameters, structured);
+    });
     this.#inFlight.add(running);
     try {
       return await running;
@@ -1162,6 +1340,7 @@ export class Session {
       runAfterCommit: spec.runAfterCommit !== false,
       afterCommit: undefined,
       afterRollback: undefined,
+      beforeCommit: undefined,
       rollbackOnly: undefined,
       ended: undefined,
     };
@@ -1213,7 +1392,7 @@ export class Session {
             await this.#transaction("startTransaction", [spec.isolation]);
             if (spec.readOnly) await this.#readOnly(true);
           } catch (error) {
-            await this.#undoBegin(real);
+            await this.#undoBegin(real, spec.readOnly && this.#host.family === "mysql");
             throw error;
           }
         }
@@ -1236,8 +1415,20 @@ export class Session {
     return handle;
   }
 
-  /** A BEGIN (or what followed it) failed: leave the connection as we found it. */
-  async #undoBegin(real: QueryRunner): Promise<void> {
+  /**
+   * A BEGIN (or what followed it) failed: leave the connection as we found it. On
+   * MySQL a `SET TRANSACTION READ ONLY` that went through would make the connection's
+   * next transaction read-only: `accessModeSet` resets it (or the connection is discarded).
+   */
+  async #undoBegin(real: QueryRunner, accessModeSet = false): Promise<void> {
+    if (accessModeSet && !real.isTransactionActive) {
+      try {
+        await this.#sendOwn("SET TRANSACTION READ WRITE");
+      } catch (error) {
+        await this.#discard(error);
+        return;
+      }
+    }
     if (real.isTransactionActive) {
       try {
         await this.#transaction("rollbackTransaction");
@@ -1321,6 +1512,7 @@ export class Session {
     if (level.savepoint && parent !== undefined) {
       if (level.afterCommit) (parent.afterCommit ??= []).push(...level.afterCommit);
       if (level.afterRollback) (parent.afterRollback ??= []).push(...level.afterRollback);
+      if (level.beforeCommit) (parent.beforeCommit ??= []).push(...level.beforeCommit);
     } else {
       await this.#endOutermost(level);
     }

@@ -8,7 +8,7 @@
  * @module typeorm-scoped-session/cron
  */
 import type { RunCoordinator, TaskContext } from "node-cron";
-import { defaultRegistry, isRetryableError, SessionRegistry } from "../index.js";
+import { defaultRegistry, isRetryableError, RegistryNotConfiguredError, SessionRegistry } from "../index.js";
 import type { Session, SessionOptions } from "../index.js";
 import { familyOf } from "../core/driver.js";
 import { describe, resolveOptions } from "../core/options.js";
@@ -22,6 +22,13 @@ export type SessionTaskBody<T> = (session: Session, context: TaskContext) => T |
  * `withSession` of the registry named by `options.registry` (default: the default
  * registry): each tick is a unit of work whose session is removed (rolled back if
  * needed, its connection released) before the tick settles.
+ *
+ * An application that made its own registry (`const db = createSessionRegistry(...)`)
+ * passes it here, as it does to {@link DatabaseRunCoordinator}:
+ * `sessionTask(fn, { registry: db })`. Without the option the task uses the default
+ * registry; while that has no data source (no `configureSessions()`), each tick
+ * rejects with a {@link typeorm-scoped-session!RegistryNotConfiguredError} that says
+ * so, which node-cron logs and reports as `execution:failed`.
  *
  * A tick never joins a scope that has already ended. Timers inherit the async
  * context in which they were created, so a task scheduled from inside a session
@@ -43,7 +50,7 @@ export type SessionTaskBody<T> = (session: Session, context: TaskContext) => T |
  *   "0 * * * *",
  *   sessionTask(async (s, { date }) => {
  *     await s.getRepository(Invoice).update({ dueAt: LessThan(date), state: "open" }, { state: "overdue" });
- *   }, { transaction: true }),
+ *   }, { registry: db, transaction: true }),
  *   { name: "overdue-invoices" },
  * );
  * ```
@@ -52,13 +59,35 @@ export function sessionTask<T>(fn: SessionTaskBody<T>, options?: SessionOptions)
   if (typeof fn !== "function") throw new TypeError(`Expected the task body to be a function, got ${describe(fn)}`);
   resolveOptions(options, undefined, false); // throws now rather than on every tick
   const registry = options?.registry ?? defaultRegistry;
+  const defaulted = options?.registry === undefined;
   const fallbackName = fn.name === "" ? undefined : fn.name;
   return function cronSessionTask(context: TaskContext): Promise<T> {
     const name = options?.name ?? context?.task?.name ?? fallbackName;
     const tick = () => registry.withSession((session) => fn(session, context), { ...options, name });
     // The scope of the code that scheduled the task, captured by node-cron's timers, is over.
-    return findScope(storage.getStore(), registry)?.ended === true ? storage.exit(tick) : tick();
+    const ticking = findScope(storage.getStore(), registry)?.ended === true ? storage.exit(tick) : tick();
+    return defaulted
+      ? ticking.catch((error: unknown) => Promise.reject(noRegistryGiven(error, "sessionTask")))
+      : ticking;
   };
+}
+
+/**
+ * The default registry's RegistryNotConfiguredError, for an integration that was
+ * given no `registry` option, reworded to name the likely fix: the application made
+ * a registry of its own and meant that one.
+ */
+function noRegistryGiven(error: unknown, caller: "sessionTask" | "DatabaseRunCoordinator"): unknown {
+  if (!(error instanceof RegistryNotConfiguredError)) return error;
+  const fix =
+    caller === "sessionTask" ? "sessionTask(fn, { registry: db })" : "new DatabaseRunCoordinator({ registry: db })";
+  const loud = new RegistryNotConfiguredError(error.registryName);
+  loud.message =
+    `${caller} was given no \`registry\` option, so it uses the default registry ("${error.registryName}"), ` +
+    `which has no data source. If your application made its own registry ` +
+    `(const db = createSessionRegistry(...)), pass it: ${fix} — the same registry for the task and ` +
+    `its DatabaseRunCoordinator. Otherwise call configureSessions({ dataSource }) at start-up.`;
+  return loud;
 }
 
 /** Options of {@link DatabaseRunCoordinator}. */
@@ -126,12 +155,18 @@ const ATTEMPTS = 8;
  * Its statements run in their own sessions of the registry (never in the caller's
  * scope or transaction), so on SQLite they take their turn on the single connection.
  *
+ * Give the task's {@link sessionTask} the same registry (`{ registry: db }`): each
+ * defaults to the default registry on its own. Without the option, while the
+ * default registry has no data source, {@link shouldRun} rejects with a
+ * {@link typeorm-scoped-session!RegistryNotConfiguredError} that says so, and
+ * node-cron skips the fire (`execution:skipped`, reason `coordinator-error`).
+ *
  * @example
  * ```ts
  * import cron from "node-cron";
  * import { DatabaseRunCoordinator, sessionTask } from "typeorm-scoped-session/cron";
  *
- * cron.schedule("0 * * * *", sessionTask(sendReminders), {
+ * cron.schedule("0 * * * *", sessionTask(sendReminders, { registry: db }), {
  *   name: "reminders", // forms the keys: every instance must use the same name
  *   distributed: true,
  *   runCoordinator: new DatabaseRunCoordinator({ registry: db }),
@@ -144,6 +179,8 @@ export class DatabaseRunCoordinator implements RunCoordinator {
   /** The lease table. */
   readonly table: string;
 
+  /** Whether no `registry` option was given (the default registry is used). */
+  readonly #defaulted: boolean;
   /** The table creation in progress or done, and the DataSource it was done on. */
   #prepared: { dataSource: object | undefined; promise: Promise<Dialect> } | undefined;
 
@@ -182,6 +219,7 @@ export class DatabaseRunCoordinator implements RunCoordinator {
       );
     }
     this.registry = registry;
+    this.#defaulted = options.registry === undefined;
     this.table = table;
   }
 
@@ -303,6 +341,9 @@ export class DatabaseRunCoordinator implements RunCoordinator {
       try {
         return await this.registry.detached(body, { name });
       } catch (error) {
+        if (this.#defaulted && error instanceof RegistryNotConfiguredError) {
+          throw noRegistryGiven(error, "DatabaseRunCoordinator");
+        }
         if (attempt >= ATTEMPTS || !isRetryableError(error)) throw error;
       }
       const delay = Math.min(250, 5 * 2 ** attempt) * (0.5 + Math.random() / 2);

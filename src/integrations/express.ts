@@ -5,7 +5,7 @@
  */
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { SessionRegistry } from "../core/registry.js";
-import { onResponseEnd, registryOption } from "./http.js";
+import { enterRequestScope, registryOption } from "./http.js";
 
 /** Options of {@link sessionMiddleware}. */
 export interface SessionMiddlewareOptions {
@@ -31,11 +31,21 @@ export type SessionMiddleware = (req: IncomingMessage, res: ServerResponse, next
  * `withTransaction`, decorated methods) join it.
  *
  * The session is created on first use: a request that never touches the
- * database takes no connection. The scope is removed when the response has
- * finished or the client has gone away, whichever comes first: a transaction
- * left open is rolled back, the connection released, `session.signal` aborted.
- * Work the handler still does after that gets `SessionClosedError`; start work
- * that must outlive the response with `registry.detached()`.
+ * database takes no connection; outside a transaction it holds a pooled
+ * connection only while a statement runs.
+ *
+ * The request is over when the response has finished or the client has gone
+ * away, whichever comes first. That does not cut the handler's work off: the
+ * session is removed as soon as nothing of it runs any more, so a block still
+ * running then (`withTransaction` that responded before its last statement) ends
+ * as its body says, committing or rolling back, and the session is removed after
+ * it. What the handler does after that through the proxies, `currentSession()`
+ * or a new block runs on a new session, which is removed the same way as soon as
+ * that work is done: a handler that goes on after the client left does not fail
+ * and leaks nothing. Only a `Session` object kept from before rejects, with a
+ * `SessionClosedError` whose `reason` is `"client-disconnected"` or
+ * `"response-finished"`: get the session anew for each use. Start work that must
+ * outlive the request on purpose with `registry.detached()`.
  *
  * Errors of the handlers (thrown, or rejected by Express 5 async handlers) are
  * left to Express: they reach its error middleware unchanged, still inside the
@@ -44,15 +54,16 @@ export type SessionMiddleware = (req: IncomingMessage, res: ServerResponse, next
  * @param options - `registry` (default: `defaultRegistry`)
  * @returns the middleware, to pass to `app.use()` (or to a router or a route)
  * @throws TypeError when `options` is not an object or `registry` not a {@link SessionRegistry}
- * @throws {@link typeorm-scoped-session!RegistryNotConfiguredError} (passed to `next`) for each request while the registry has no data
- *   source; an error initializing the DataSource on the first request is passed to `next` the same way
+ * @throws {@link typeorm-scoped-session!RegistryNotConfiguredError} (passed to `next`) for each request while the registry
+ *   has no data source; {@link typeorm-scoped-session!RegistryClosedError} the same way once the registry drains; an
+ *   error initializing the DataSource on the first request is passed to `next` the same way. No handler runs then.
  * @example
  * ```ts
  * import express from "express";
  * import { createSessionRegistry } from "typeorm-scoped-session";
  * import { sessionMiddleware } from "typeorm-scoped-session/express";
  *
- * const db = createSessionRegistry({ url: "postgres://app@localhost/app", entities: [User] });
+ * const db = createSessionRegistry({ url: "postgres://app@localhost/app", entities: [User, AuditEntry] });
  * const users = db.getRepository(User); // resolves to the request's session, call by call
  *
  * const app = express();
@@ -61,25 +72,17 @@ export type SessionMiddleware = (req: IncomingMessage, res: ServerResponse, next
  *   res.json(await users.findOneBy({ id: Number(req.params.id) }));
  * });
  * app.post("/users", async (req, res) => {
- *   const user = await db.withTransaction((s) => s.getRepository(User).save(req.body));
- *   res.status(201).json(user);
+ *   await db.withTransaction(async (s) => {
+ *     const user = await s.getRepository(User).save(req.body);
+ *     res.status(201).json(user); // the transaction still commits after the response
+ *     await s.getRepository(AuditEntry).insert({ action: "user created", userId: user.id });
+ *   });
  * });
  * ```
  */
 export function sessionMiddleware(options: SessionMiddlewareOptions = {}): SessionMiddleware {
   const registry = registryOption(options, "sessionMiddleware");
   return function sessionMiddleware(req, res, next) {
-    registry
-      .scope(
-        () =>
-          new Promise<void>((resolve) => {
-            // Listen first: whatever `next()` starts may end the response.
-            onResponseEnd(req, res, resolve);
-            next();
-          }),
-      )
-      // Either the scope could not be opened (no data source, failed initialization), so the request
-      // goes on to Express's error handling, or `next()` threw synchronously, as a handler would have.
-      .catch((error: unknown) => next(error));
+    enterRequestScope(registry, req, res, next);
   };
 }

@@ -5,6 +5,7 @@
  */
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { SessionRegistry } from "../core/registry.js";
+import { requestScope } from "../core/block.js";
 import { onResponseEnd, registryOption } from "./http.js";
 
 /** Options of {@link koaSession}. */
@@ -38,22 +39,31 @@ export type KoaSessionMiddleware = (ctx: KoaSessionContext, next: () => Promise<
  * `withTransaction`, decorated methods) join it.
  *
  * The session is created on first use: a request that never touches the
- * database takes no connection. The scope is removed when downstream settles,
- * before Koa writes the response, or when the client goes away first: a
- * transaction left open is rolled back, the connection released,
- * `session.signal` aborted. So a response body must not read from the database
- * lazily (a stream of query results); load it downstream. When the client went
- * away first, the middleware still waits for downstream to settle, and what
- * downstream then does with the session fails with `SessionClosedError`.
+ * database takes no connection; outside a transaction it holds a pooled
+ * connection only while a statement runs.
  *
- * A downstream error is rethrown unchanged, after the rollback, to upstream
- * middleware and Koa's error handling (`ctx.onerror`, the app's `error` event).
+ * The request is over when downstream settles (before Koa writes the response)
+ * or when the client goes away first. That does not cut work off: the session
+ * is removed as soon as nothing of it runs any more, so a block still running
+ * then ends as its body says (commits or rolls back) and the session is removed
+ * after it. What downstream still does after the client left, through the
+ * proxies, `currentSession()` or a new block, runs on a new session that is
+ * removed the same way once that work is done; only a `Session` object kept from
+ * before rejects, with a `SessionClosedError` whose `reason` is
+ * `"client-disconnected"` (or `"response-finished"`, for work that outlives
+ * downstream). A response body must not read from the database lazily (a stream
+ * of query results): load it downstream.
+ *
+ * A downstream error is rethrown unchanged, after the failing block's rollback,
+ * to upstream middleware and Koa's error handling (`ctx.onerror`, the app's
+ * `error` event).
  *
  * @param options - `registry` (default: `defaultRegistry`)
  * @returns the middleware, to pass to `app.use()`
  * @throws TypeError when `options` is not an object or `registry` not a {@link SessionRegistry}
- * @throws {@link typeorm-scoped-session!RegistryNotConfiguredError} (as a rejection, for each request) while the registry has no data
- *   source; an error initializing the DataSource on the first request rejects the same way
+ * @throws {@link typeorm-scoped-session!RegistryNotConfiguredError} (as a rejection, for each request) while the registry
+ *   has no data source; {@link typeorm-scoped-session!RegistryClosedError} the same way once the registry drains; an
+ *   error initializing the DataSource on the first request rejects the same way. Downstream does not run then.
  * @example
  * ```ts
  * import Koa from "koa";
@@ -72,27 +82,15 @@ export type KoaSessionMiddleware = (ctx: KoaSessionContext, next: () => Promise<
  */
 export function koaSession(options: KoaSessionOptions = {}): KoaSessionMiddleware {
   const registry = registryOption(options, "koaSession");
-  return async function koaSession(ctx, next) {
-    let downstream: Promise<unknown> | undefined;
-    await registry.scope(
-      () =>
-        new Promise<void>((resolve, reject) => {
-          const stop = onResponseEnd(ctx.req, ctx.res, resolve);
-          downstream = next();
-          downstream.then(
-            () => {
-              stop();
-              resolve();
-            },
-            (error: unknown) => {
-              stop();
-              reject(error);
-            },
-          );
-        }),
-    );
-    // The scope ended with downstream, or because the client went away first: then downstream
-    // is still running; wait for it as Koa would have, so that its outcome reaches Koa.
-    await downstream;
+  return function koaSession(ctx, next) {
+    return requestScope(registry, async (end) => {
+      const stop = onResponseEnd(ctx.req, ctx.res, end);
+      try {
+        await next();
+      } finally {
+        stop();
+        end("response-finished");
+      }
+    });
   };
 }

@@ -1,5 +1,5 @@
 /**
- * Transaction-per-test helpers for mocha.
+ * Transaction-per-test helpers for mocha, Jest, Vitest and `node:test`.
  *
  * @module typeorm-scoped-session/testing
  */
@@ -20,12 +20,33 @@ export interface TransactionalTestsOptions {
    * @default true
    */
   runAfterCommit?: boolean;
+  /**
+   * The test runner's `beforeEach` and `afterEach`, for runners that have no globals:
+   * `node:test` (`import { beforeEach, afterEach } from "node:test"`) and Vitest
+   * without `globals: true` (`import { beforeEach, afterEach } from "vitest"`).
+   * @default the global `beforeEach`/`afterEach` (mocha, Jest, Vitest with `globals: true`)
+   */
+  hooks?: TestHooks;
 }
 
-type Hook = (fn: (this: unknown) => Promise<void>) => void;
+/** A runner's function that registers a hook: `beforeEach` or `afterEach`. */
+export type TestHook = (fn: () => Promise<void>) => unknown;
+
+/** The `beforeEach` and `afterEach` of a test runner: see {@link TransactionalTestsOptions.hooks}. */
+export interface TestHooks {
+  /** Registers a hook that runs before each test of the enclosing suite. */
+  readonly beforeEach: TestHook;
+  /** Registers a hook that runs after each test of the enclosing suite. */
+  readonly afterEach: TestHook;
+}
+
+const NO_HOOKS =
+  "useTransactionalTests() found no global beforeEach()/afterEach(): call it inside a describe() of a mocha, " +
+  "Jest or Vitest (globals: true) run, or pass your runner's hooks: " +
+  'useTransactionalTests({ hooks: { beforeEach, afterEach } }) with both imported from "node:test" or "vitest"';
 
 /**
- * In a mocha suite, run each test inside one outer transaction that every block
+ * In a test suite (mocha, Jest, Vitest or `node:test`), run each test inside one outer transaction that every block
  * of the code under test joins (their commits become savepoints) and that is
  * rolled back after the test: the next test sees a clean database.
  *
@@ -39,11 +60,17 @@ type Hook = (fn: (this: unknown) => Promise<void>) => void;
  * the test's transaction holds, it rejects with {@link typeorm-scoped-session!PropagationError}; on
  * PostgreSQL it commits for real.
  *
- * @param options - `registry` (default {@link defaultRegistry}), `runAfterCommit` (default true)
+ * It registers its two hooks with the runner's global `beforeEach`/`afterEach`
+ * (mocha, Jest, Vitest with `globals: true`), or with those given as `hooks`
+ * (`node:test`, Vitest without globals). Call it inside a `describe()`, so that the
+ * hooks apply to that suite's tests.
+ *
+ * @param options - `registry` (default {@link defaultRegistry}), `runAfterCommit` (default true),
+ *   `hooks` (default: the runner's globals)
  * @returns a function that gives the current test's session (it throws `TypeError` when
  *   called while no test runs, such as at the top of the `describe()`)
- * @throws TypeError when mocha's `beforeEach`/`afterEach` globals are missing (not a mocha run),
- *   or for invalid options
+ * @throws TypeError when no `hooks` are given and the global `beforeEach`/`afterEach` are
+ *   missing (the message says how to pass them), or for invalid options
  * @throws {@link typeorm-scoped-session!RegistryNotConfiguredError} (failing each test's `beforeEach`
  *   hook) while the registry has no data source; an `Error` there too when the registry is already in
  *   a transactional test (for example, through a call in an enclosing suite)
@@ -55,6 +82,16 @@ type Hook = (fn: (this: unknown) => Promise<void>) => void;
  *     await signup("ada@example.com");                  // commits: a savepoint here
  *     expect(await db.getRepository(User).count()).to.equal(1);
  *   });                                                 // rolled back after the test
+ * });
+ * ```
+ * @example
+ * ```ts
+ * // node:test (and Vitest without globals: import the two hooks from "vitest")
+ * import { afterEach, beforeEach, describe, it } from "node:test";
+ *
+ * describe("signup", () => {
+ *   useTransactionalTests({ registry: db, hooks: { beforeEach, afterEach } });
+ *   it("stores the user", async () => { ... });
  * });
  * ```
  */
@@ -69,15 +106,13 @@ export function useTransactionalTests(options: TransactionalTestsOptions = {}): 
   if (typeof runAfterCommit !== "boolean") {
     throw new TypeError(`Expected \`runAfterCommit\` to be a boolean, got ${describeValue(runAfterCommit)}`);
   }
-  const hooks = globalThis as { beforeEach?: Hook; afterEach?: Hook };
-  if (typeof hooks.beforeEach !== "function" || typeof hooks.afterEach !== "function") {
-    throw new TypeError("useTransactionalTests() registers mocha hooks: call it inside a describe() of a mocha run");
-  }
+  const { beforeEach, afterEach } = runnerHooks(options.hooks);
   let session: Session | undefined;
-  hooks.beforeEach(async function transactionalTestBegin() {
+  // No parameters: Jest and node:test would take a first parameter for a `done` callback.
+  beforeEach(async function transactionalTestBegin() {
     session = await registry._beginTestTransaction(runAfterCommit);
   });
-  hooks.afterEach(async function transactionalTestRollback() {
+  afterEach(async function transactionalTestRollback() {
     session = undefined;
     await registry._endTestTransaction();
   });
@@ -85,4 +120,25 @@ export function useTransactionalTests(options: TransactionalTestsOptions = {}): 
     if (session === undefined) throw new TypeError("The test's session exists only while a test runs");
     return session;
   };
+}
+
+/** The `hooks` option checked, or the runner's globals; a `TypeError` saying how to pass them when there are none. */
+function runnerHooks(hooks: TestHooks | undefined): TestHooks {
+  if (hooks !== undefined) {
+    if (typeof hooks !== "object" || hooks === null) {
+      throw new TypeError(`Expected \`hooks\` to be { beforeEach, afterEach }, got ${describeValue(hooks)}`);
+    }
+    for (const key of ["beforeEach", "afterEach"] as const) {
+      if (typeof hooks[key] !== "function") {
+        throw new TypeError(
+          `Expected \`hooks.${key}\` to be your test runner's ${key}(), got ${describeValue(hooks[key])}`,
+        );
+      }
+    }
+    return hooks;
+  }
+  const globals = globalThis as { beforeEach?: unknown; afterEach?: unknown };
+  if (typeof globals.beforeEach !== "function" || typeof globals.afterEach !== "function")
+    throw new TypeError(NO_HOOKS);
+  return globals as TestHooks;
 }

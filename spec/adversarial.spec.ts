@@ -14,7 +14,7 @@ import {
 } from "../src/index.js";
 import { Account, Note } from "./support/entities.js";
 import { TempSqlite } from "./support/sqlite.js";
-import { deferred, recordEvents, rejectionOf, seeded, turns } from "./support/util.js";
+import { deferred, load, recordEvents, rejectionOf, seeded, turns } from "./support/util.js";
 
 class Planned extends Error {}
 
@@ -1018,7 +1018,7 @@ describe("adversarial (SQLite core)", () => {
       };
 
       const blocks: Promise<unknown>[] = [];
-      for (let i = 0; i < 2000; i++) {
+      for (let i = 0; i < load(2000); i++) {
         const k = random();
         const from = pick();
         const to = pick();

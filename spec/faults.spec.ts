@@ -6,7 +6,7 @@ import { type Backend, type BackendKind, connectionsInUse, forEachBackend, type 
 import { Account, Note } from "./support/entities.js";
 import { mariaDbServer } from "./support/mariadb-hooks.js";
 import { pgServer } from "./support/postgres-hooks.js";
-import { deferred, rejectionOf, seeded } from "./support/util.js";
+import { deferred, load, rejectionOf, seeded } from "./support/util.js";
 
 class Planned extends Error {}
 
@@ -66,7 +66,7 @@ forEachBackend("faults and load", { mariadb: true }, (backend: Backend<BackendKi
     const started = performance.now();
     const kinds = ["ok", "throws", "sqlError", "timeout", "abort", ...(backend.kind === "sqlite" ? [] : ["killed"])];
     const random = seeded(10_000);
-    const plan = Array.from({ length: 10_000 }, () => kinds[Math.floor(random() * kinds.length)]!);
+    const plan = Array.from({ length: load(10_000) }, () => kinds[Math.floor(random() * kinds.length)]!);
     const timeoutMs = backend.kind === "sqlite" ? 5 : 25;
     // Failures that could not be thrown to anyone (a ROLLBACK on a killed backend): counted, not printed.
     let reported = 0;
@@ -200,7 +200,7 @@ forEachBackend("faults and load", { mariadb: true }, (backend: Backend<BackendKi
   it("ledger: concurrent transfers at SERIALIZABLE with retry, some throwing: money conserved, each resolved transfer applied once", async function () {
     this.timeout(300_000);
     const started = performance.now();
-    const transfers = 5000;
+    const transfers = load(5000);
     await reg.withTransaction(async (s) => {
       await s.getRepository(Account).insert(Array.from({ length: 20 }, () => ({ balance: 1000 })));
       await s.query("CREATE TABLE transfers (id INTEGER PRIMARY KEY, amount INTEGER NOT NULL)");
@@ -273,7 +273,7 @@ forEachBackend("faults and load", { mariadb: true }, (backend: Backend<BackendKi
     let sightings = 0;
     let bleeds = 0;
     const random = seeded(7);
-    await inBatches(10_000, 500, (i) =>
+    await inBatches(load(10_000), 500, (i) =>
       reg.withSession(async (s) => {
         for (let step = 0; step < 4; step++) {
           if (random() < 0.5) await new Promise<void>((r) => setImmediate(r));
@@ -287,7 +287,7 @@ forEachBackend("faults and load", { mariadb: true }, (backend: Backend<BackendKi
       }),
     );
     expect(bleeds).to.equal(0);
-    expect(sightings).to.equal(50_000);
+    expect(sightings).to.equal(load(10_000) * 5);
   });
 
   if (backend.kind === "postgres") {

@@ -1,5 +1,14 @@
 import type { SessionEvent, SessionEventName, SessionRegistry } from "../../src/index.js";
 
+/**
+ * How much of the load runs (fault injection, ledgers, interleaving): `TSS_LOAD=0.2` runs a fifth
+ * of each, as CI does on its extra Node lines; every test still runs. Default 1.
+ */
+export function load(count: number): number {
+  const factor = Number(process.env.TSS_LOAD ?? "1");
+  return Math.max(1, Math.round(count * (Number.isFinite(factor) && factor > 0 ? Math.min(factor, 1) : 1)));
+}
+
 /** Yield to the event loop `n` times (lets other blocks run; never used to wait for a result). */
 export async function turns(n: number): Promise<void> {
   for (let i = 0; i < n; i++) await new Promise<void>((resolve) => setImmediate(resolve));

@@ -359,10 +359,20 @@ describe("bullmq", function () {
       expect(await h.jobs()).to.equal(0);
     });
 
-    // Pending: a retried attempt drops its callbacks silently, and a session's signal aborts before the
-    // callbacks of its close have run, so nothing public tells when the call of such an attempt is
-    // dropped. It needs the core to say when a closed session's callbacks have run.
-    it("resolves undefined for the call of an attempt that `retry` re-runs");
+    it("resolves undefined for the call of an attempt that `retry` re-runs; the attempt that commits adds its job", async () => {
+      const calls: Promise<Job | undefined>[] = [];
+      await reg.withTransaction(
+        async () => {
+          calls.push(add({ attempt: calls.length + 1 }));
+          if (calls.length === 1) throw new Boom("retry me");
+        },
+        { retry: { retries: 1, baseDelayMs: 1, retryOn: (error) => error instanceof Boom } },
+      );
+      expect(calls).to.have.length(2);
+      expect(await calls[0]).to.equal(undefined);
+      expect((await calls[1])?.data).to.deep.equal({ attempt: 2 });
+      expect(await h.jobs()).to.equal(1);
+    });
 
     it("adds at once outside a transaction, and with no session at all", async () => {
       const inSession = await reg.withSession(async () => {

@@ -2,7 +2,7 @@ import { NoActiveSessionError, PropagationError, SessionClosedError, SessionTime
 import { describe, resolveOpenOptions, resolveOptions, type ResolvedOptions, type ResolvedRetry } from "./options.js";
 import type { RegistryHost, SessionRegistry } from "./registry.js";
 import { findScope, type Frame, lineage, type RequestEnd, type Scope, storage } from "./scope.js";
-import type { Session, SessionCallback } from "./session.js";
+import { DROPPED, type Session, type SessionCallback } from "./session.js";
 
 /** The body of a block: receives the session, returns a value or a promise of one. */
 export type SessionBody<T> = (session: Session) => T | Promise<T>;
@@ -324,6 +324,8 @@ async function transactional<T>(
     // A failed attempt that will be retried leaves nothing behind, its callbacks included.
     if (attempt === undefined || !opts.retry?.retryOn(error) || attempt > opts.retry.retries) {
       pending.push(...outcome.callbacks);
+    } else {
+      for (const callback of outcome.callbacks) (callback as { [DROPPED]?: () => void })[DROPPED]?.();
     }
     throw error;
   }

@@ -90,6 +90,12 @@ const NOTHING_ROLLED_BACK: Promise<SessionCallback[]> = Promise.resolve([]);
 
 let lastId = 0;
 
+/**
+ * @internal On a callback: what to call instead when the callback is dropped without
+ * running (the `afterRollback` callbacks of a failed attempt that `retry` re-runs).
+ */
+export const DROPPED = Symbol("typeorm-scoped-session.dropped");
+
 /** On a session's runner view and EntityManager: the session they belong to. */
 export const OWNER = Symbol("typeorm-scoped-session.owner");
 

@@ -12,6 +12,7 @@ import { defaultRegistry, SessionRegistry } from "../index.js";
 import type { Session, SessionOptions } from "../index.js";
 import { describe, resolveOptions } from "../core/options.js";
 import { storage } from "../core/scope.js";
+import { DROPPED } from "../core/session.js";
 
 /** The body of a {@link sessionProcessor}: receives the job's session and the job. */
 export type SessionProcessorBody<T, R, N extends string> = (session: Session, job: Job<T, R, N>) => R | Promise<R>;
@@ -99,7 +100,7 @@ export interface AddAfterCommitOptions {
  * rollback dropped it. Under `useTransactionalTests({ runAfterCommit: false })` a
  * dropped job resolves `undefined` when its block would have committed, or at the
  * latest when the test ends. In a block with `retry`, the call made by an attempt that
- * is re-run stays pending (the re-run makes its own call, which settles as above).
+ * is re-run resolves `undefined` (the re-run makes its own call, which settles as above).
  *
  * **Do not `await` it inside its own transaction:** it resolves after the COMMIT,
  * which comes only after the body has returned, so the block would wait forever.
@@ -196,7 +197,8 @@ function afterCommitOf<J>(session: Session, add: () => Promise<J>): Promise<J | 
   if (!started && !session.inTransaction) {
     dropped(); // outside a transaction afterCommit runs at once, unless the test's transaction drops it
   } else if (!started) {
-    session.afterRollback(dropped);
+    // A failed attempt that `retry` re-runs drops its afterRollback callbacks: told so through DROPPED.
+    session.afterRollback(Object.assign(dropped, { [DROPPED]: dropped }));
     if (session._test) forget = dropAtTestEnd(session, dropped);
   }
   outcome.catch(() => undefined); // reported through `error`; a `void` call must not crash the process

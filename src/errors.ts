@@ -86,7 +86,11 @@ export class SessionClosedError extends SessionError {
   constructor(session: string, detail?: string, reason?: "response-finished" | "client-disconnected") {
     super(
       reason === undefined
-        ? `${session} is closed${detail ? ` (${detail})` : ""}: it accepts no new work once its block ` +
+        ? detail?.includes("drain()") === true
+          ? `${session} is closed (${detail}): the registry is shutting down, and drain() force-closed ` +
+            `the sessions still open when its timeoutMs ran out, rolling back their transactions. Give ` +
+            `drain() a longer timeoutMs, or stop taking work (server.close(), worker.close()) before it.`
+          : `${session} is closed${detail ? ` (${detail})` : ""}: it accepts no new work once its block ` +
             `has ended or started to commit. Await all work inside the block, or start ` +
             `independent work with registry.detached() or a new withSession() outside it.`
         : `${session} is closed (${reason === "client-disconnected" ? "the client disconnected" : "the response finished"}): ` +

@@ -152,8 +152,10 @@ function whenInitialized(dataSource: DataSource, timeoutMs: number): Promise<voi
 }
 
 function notInitialized(dataSource: DataSource, timeoutMs: number, why: string): Error {
+  // TypeORM 0.3 names DataSources; 1.x does not.
+  const name = (dataSource as { name?: unknown }).name;
   return new Error(
-    `DataSource "${dataSource.name}" was being initialized by someone else (its driver was connecting) ` +
+    `DataSource${typeof name === "string" ? ` "${name}"` : ""} was being initialized by someone else (its driver was connecting) ` +
       `when the registry first needed it, but ${why} (waited up to ${timeoutMs} ms). Give the registry the ` +
       `DataSource before calling dataSource.initialize() yourself, or await that call (or registry.ready()) ` +
       `before serving requests.`,

@@ -473,7 +473,8 @@ forEachBackend("TypeORM paths on the session", (backend: Backend) => {
       await reg.withSession(async (s) => {
         expect(s.queryRunner.getMemorySql().upQueries).to.deep.equal([]);
         expect(s.queryRunner.getMemorySql().downQueries).to.deep.equal([]);
-        expect(s.queryRunner.loadedTables).to.deep.equal([]);
+        // Public in TypeORM 0.3, protected in 1.x.
+        expect((s.queryRunner as unknown as { loadedTables: unknown[] }).loadedTables).to.deep.equal([]);
       });
     });
 

@@ -7,9 +7,13 @@ import { DROPPED, type Session, type SessionCallback } from "./session.js";
 /** The body of a block: receives the session, returns a value or a promise of one. */
 export type SessionBody<T> = (session: Session) => T | Promise<T>;
 
-/** How a block was asked for: `detached()` opens a fresh scope that inherits nothing. */
+/**
+ * How a block was asked for: `detached()` opens a fresh scope that inherits nothing;
+ * `duringDrain` (detached too) also while the registry drains: bookkeeping covered by `_hold()`.
+ */
 interface BlockOptions extends ResolvedOptions {
   readonly detached?: boolean;
+  readonly duringDrain?: boolean;
 }
 
 /**
@@ -23,12 +27,13 @@ export function runBlock<T>(
   fn: SessionBody<T>,
   options: unknown,
   transactional: boolean,
-  detached = false,
+  detached: boolean | "duringDrain" = false,
 ): Promise<T> {
   try {
     if (typeof fn !== "function") throw new TypeError(`Expected the block body to be a function, got ${describe(fn)}`);
     const opts = resolveOptions(options, fn.name === "" ? undefined : fn.name, transactional);
-    return execute(bound, fn, detached ? { ...opts, detached } : opts);
+    if (detached === false) return execute(bound, fn, opts);
+    return execute(bound, fn, { ...opts, detached: true, duringDrain: detached === "duringDrain" });
   } catch (error) {
     return Promise.reject(error);
   }
@@ -71,7 +76,7 @@ export async function execute<T>(bound: SessionRegistry, fn: SessionBody<T>, opt
     );
   }
   const open = (attempt: number | undefined): Promise<T> => {
-    const session = host.createSession(opts.name);
+    const session = host.createSession(opts.name, opts.duringDrain);
     if (opts.holdConnection) session._holdConnection();
     const scope: Scope = { registry, session, ended: false };
     // A detached scope inherits nothing; it remembers where it came from only to detect a wait on itself.

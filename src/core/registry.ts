@@ -192,8 +192,11 @@ const EVENT_NAMES: readonly SessionEventName[] = [
 
 /** @internal What blocks need of a registry besides what sessions need. */
 export interface RegistryHost extends SessionHost {
-  /** A new session; throws {@link RegistryClosedError} while the registry drains. */
-  createSession(name: string | undefined): Session;
+  /**
+   * A new session; throws {@link RegistryClosedError} while the registry drains, unless
+   * `duringDrain` (bookkeeping that drain() waits for) and the DataSource is still initialized.
+   */
+  createSession(name: string | undefined, duringDrain?: boolean): Session;
   /** A block ran past its timeoutMs. */
   timedOut(session: Session, durationMs: number): void;
   /** Throws {@link RegistryClosedError} once the registry has begun to drain. */
@@ -244,8 +247,10 @@ export class SessionRegistry {
   readonly #open = new Map<Session, { timer?: NodeJS.Timeout; leaked?: boolean }>();
   /** Set by drain(): no new sessions. */
   #draining = false;
-  /** Resolved when the last open session closes, while drain() waits for that. */
+  /** Resolved when the last open session closes and the last hold is given back, while drain() waits. */
   #idle: (() => void) | undefined;
+  /** Work that drain() waits for besides open sessions (see {@link _hold}). */
+  #holds = 0;
   /** @internal The scope of useTransactionalTests(), which code outside every block joins. */
   _testScope: Scope | undefined;
 
@@ -654,6 +659,35 @@ export class SessionRegistry {
   }
 
   /**
+   * @internal {@link detached} for bookkeeping that a {@link _hold} covers: let through
+   * while the registry drains, as long as its DataSource is not destroyed.
+   */
+  _detachedDuringDrain<T>(fn: SessionBody<T>, options?: SessionOptions): Promise<T> {
+    return runBlock(this, fn, options, false, "duringDrain");
+  }
+
+  /**
+   * @internal Make drain() wait, as for an open session, until the returned function is
+   * called (once or more); `undefined` once drain() has begun.
+   */
+  _hold(): (() => void) | undefined {
+    if (this.#draining) return undefined;
+    this.#holds += 1;
+    let held = true;
+    return () => {
+      if (!held) return;
+      held = false;
+      this.#holds -= 1;
+      if (this.#holds === 0 && this.#open.size === 0) this.#idle?.();
+    };
+  }
+
+  /** @internal Whether drain() has begun and configure() has not opened the registry again. */
+  get _draining(): boolean {
+    return this.#draining;
+  }
+
+  /**
    * Shut down: refuse new sessions ({@link RegistryClosedError}), wait for the open
    * ones to end, force-close (roll back, release) those still open after
    * `timeoutMs` — their blocks reject with {@link SessionClosedError} — and
@@ -685,8 +719,8 @@ export class SessionRegistry {
     if (typeof destroy !== "boolean")
       throw new TypeError(`Expected \`destroy\` to be a boolean, got ${describe(destroy)}`);
     this.#draining = true;
-    const before = this.#open.size;
-    if (before > 0) {
+    const before = [...this.#open.keys()];
+    if (before.length > 0 || this.#holds > 0) {
       let timer: NodeJS.Timeout | undefined;
       await Promise.race([
         new Promise<void>((resolve) => (this.#idle = resolve)),
@@ -696,11 +730,13 @@ export class SessionRegistry {
       this.#idle = undefined;
     }
     const left = [...this.#open.keys()];
+    // Sessions let through during the wait (see _hold) did not count as waited for.
+    const waited = before.filter((session) => !this.#open.has(session)).length;
     await Promise.all(
       left.map((session) => session._kill(new Error(`force-closed by registry "${this.name}" drain()`))),
     );
     if (destroy && this.#host?.dataSource.isInitialized) await this.#host.dataSource.destroy();
-    return { waited: before - left.length, forced: left.length };
+    return { waited, forced: left.length };
   }
 
   /**
@@ -798,8 +834,8 @@ export class SessionRegistry {
       assertOpen: (): void => {
         if (this.#draining) throw new RegistryClosedError(this.name);
       },
-      createSession: (name: string | undefined): Session => {
-        host.assertOpen();
+      createSession: (name: string | undefined, duringDrain = false): Session => {
+        if (!duringDrain || !dataSource.isInitialized) host.assertOpen();
         const session = Session._create(this, host, name);
         track(session);
         return session;
@@ -836,7 +872,7 @@ export class SessionRegistry {
           session,
           watch?.leaked ? { durationMs, statements, leakReported: true } : { durationMs, statements },
         );
-        if (this.#open.size === 0) this.#idle?.();
+        if (this.#open.size === 0 && this.#holds === 0) this.#idle?.();
       },
     };
     return host;

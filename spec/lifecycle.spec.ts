@@ -244,6 +244,33 @@ forEachBackend("lifecycle", (backend: Backend) => {
       expect(attempts).to.equal(2);
     });
 
+    it("retryOn is asked once per failed attempt, in a new scope and in a joined one", async () => {
+      for (const joined of [false, true]) {
+        const asked: number[] = [];
+        let attempts = 0;
+        const block = (): Promise<void> =>
+          reg.withTransaction(
+            () => {
+              attempts += 1;
+              if (attempts < 3) throw new Boom(`conflict ${attempts}`);
+            },
+            {
+              retry: {
+                retries: 3,
+                baseDelayMs: 1,
+                retryOn: (e) => {
+                  asked.push(attempts);
+                  return e instanceof Boom;
+                },
+              },
+            },
+          );
+        await (joined ? reg.withSession(() => block()) : block());
+        expect(attempts, joined ? "joined" : "new scope").to.equal(3);
+        expect(asked, joined ? "joined" : "new scope").to.deep.equal([1, 2]);
+      }
+    });
+
     it("only the outermost transactional block retries", async () => {
       let inner = 0;
       const error = await rejectionOf(

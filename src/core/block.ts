@@ -75,6 +75,7 @@ export async function execute<T>(bound: SessionRegistry, fn: SessionBody<T>, opt
       opts.detached === true ? "detached()" : 'propagation "requiresNew"',
     );
   }
+  const retry = opts.retry === undefined ? undefined : decidedOnce(opts.retry);
   const open = (attempt: number | undefined): Promise<T> => {
     const session = host.createSession(opts.name, opts.duringDrain);
     if (opts.holdConnection) session._holdConnection();
@@ -84,12 +85,12 @@ export async function execute<T>(bound: SessionRegistry, fn: SessionBody<T>, opt
     const pending: SessionCallback[] = [];
     return settle(scope, host, pending, opts.timeoutMs, () =>
       storage.run(frame, () =>
-        opts.transaction ? transactional(session, frame, fn, opts, true, pending, attempt) : fn(session),
+        opts.transaction ? transactional(session, frame, fn, { ...opts, retry }, true, pending, attempt) : fn(session),
       ),
     );
   };
   // Each attempt of a retried block is a new session: a failed COMMIT leaves its connection unusable.
-  return opts.retry === undefined ? open(undefined) : retrying(opts.retry, open);
+  return retry === undefined ? open(undefined) : retrying(retry, open);
 }
 
 /**
@@ -253,6 +254,22 @@ function timeout(session: Session, host: RegistryHost, timeoutMs: number | undef
   }, timeoutMs);
 }
 
+/**
+ * `retry` whose `retryOn` is asked once per failed attempt: the rollback (which drops the
+ * attempt's callbacks) and the retry loop ask about the same error, and a user's `retryOn`
+ * that counts or logs must see it once.
+ */
+function decidedOnce(retry: ResolvedRetry): ResolvedRetry {
+  let last: { error: unknown; verdict: boolean } | undefined;
+  return {
+    ...retry,
+    retryOn: (error) => {
+      if (last === undefined || last.error !== error) last = { error, verdict: retry.retryOn(error) };
+      return last.verdict;
+    },
+  };
+}
+
 /** Re-run `attempt` on retryable errors with capped exponential backoff and jitter. */
 async function retrying<T>(retry: ResolvedRetry, attempt: (n: number) => Promise<T>): Promise<T> {
   for (let n = 1; ; n++) {
@@ -284,13 +301,24 @@ export async function joinSession<T>(
   if (!session._usableFrom(here)) throw session._closedError();
   if (!opts.transaction && opts.timeoutMs === undefined) return fn(session);
   const frame: Frame = { scope, parent: here };
+  const retry = opts.retry === undefined || session.inTransaction ? undefined : decidedOnce(opts.retry);
   const run = async (attempt: number | undefined): Promise<T> => {
     const pending: SessionCallback[] = [];
     const timer = host === undefined ? undefined : timeout(session, host, opts.timeoutMs);
     try {
       return await session._guard(
         storage.run(frame, () =>
-          opts.transaction ? transactional(session, frame, fn, opts, false, pending, attempt) : fn(session),
+          opts.transaction
+            ? transactional(
+                session,
+                frame,
+                fn,
+                retry === undefined ? opts : { ...opts, retry },
+                false,
+                pending,
+                attempt,
+              )
+            : fn(session),
         ),
       );
     } finally {
@@ -299,8 +327,7 @@ export async function joinSession<T>(
     }
   };
   // A joined block retries only as the outermost transaction of a session still usable.
-  if (opts.retry === undefined || session.inTransaction) return run(undefined);
-  const retry = opts.retry;
+  if (retry === undefined) return run(undefined);
   return retrying({ ...retry, retryOn: (error) => !session.closed && retry.retryOn(error) }, run);
 }
 

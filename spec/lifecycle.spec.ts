@@ -294,25 +294,37 @@ forEachBackend("lifecycle", (backend: Backend) => {
       expect((error as Error).message).to.match(/`retry`.*transaction/);
     });
 
-    if (backend.kind === "sqlite" && SQLITE_DRIVER === "sqlite") {
+    if (backend.kind === "sqlite") {
       it("retries a real SQLITE_BUSY from another connection holding the write lock", async () => {
         await reg.withSession(() => undefined); // create the tables first
         const other = db.dataSource();
         await other.initialize();
         const locker = other.createQueryRunner();
         await locker.query("BEGIN IMMEDIATE");
-        reg.on("rollback", ({ attempt }) => {
-          if (attempt === 1) void locker.query("COMMIT");
-        });
+        // The first attempt's BEGIN IMMEDIATE waits this long for the lock, then fails with SQLITE_BUSY.
+        const waitMs = 50;
+        const timeout = SQLITE_DRIVER === "sqlite" ? { busyTimeout: waitMs } : { timeout: waitMs };
+        const busy = createSessionRegistry({ name: "busy", dataSource: db.dataSource(timeout) });
         let attempts = 0;
-        await reg.withTransaction(
-          async (s) => {
-            attempts += 1;
-            await s.getRepository(Note).insert({ body: "after the lock", block: 1 });
+        busy.on("open", () => (attempts += 1)); // each attempt is a session of its own
+        const reported: unknown[] = [];
+        busy.on("error", ({ error }) => reported.push(error));
+        const failures: unknown[] = [];
+        await busy.withTransaction((s) => s.getRepository(Note).insert({ body: "after the lock", block: 1 }), {
+          retry: {
+            retries: 5,
+            baseDelayMs: 5,
+            retryOn: (error) => {
+              if (failures.length === 0) void locker.query("COMMIT");
+              failures.push(error);
+              return isRetryableError(error);
+            },
           },
-          { retry: { retries: 5, baseDelayMs: 5 } },
-        );
+        });
         expect(attempts).to.be.greaterThan(1);
+        expect(failures.length).to.be.greaterThan(0);
+        expect(failures.every(isRetryableError), String(failures[0])).to.equal(true);
+        expect(reported, "a BEGIN that failed leaves nothing to roll back, and nothing to report").to.deep.equal([]);
         expect(await bodies()).to.deep.equal(["after the lock"]);
       });
     }

@@ -127,7 +127,8 @@ forEachBackend("TypeORM paths on the session", (backend: Backend) => {
   let db: TestDb;
   let ds: DataSource;
   let reg: SessionRegistry;
-  const begin = backend.kind === "postgres" ? "START TRANSACTION" : "BEGIN TRANSACTION";
+  // SQLite: a transaction that may write takes the write lock as it begins.
+  const begin = backend.kind === "postgres" ? "START TRANSACTION" : "BEGIN IMMEDIATE TRANSACTION";
 
   beforeEach(async () => {
     db = await backend.open();

@@ -186,3 +186,37 @@ async function cancelMysqlStatement(dataSource: DataSource, runner: QueryRunner)
     connection.destroy();
   }
 }
+
+/** @internal The busy timeout a SQLite file database gets when TypeORM's options set none. */
+export const DEFAULT_SQLITE_BUSY_TIMEOUT_MS = 5_000;
+
+/** Connections given the default busy timeout already. */
+const busyTimeoutSet = new WeakSet<object>();
+
+/**
+ * @internal node-sqlite3 (TypeORM's `type: "sqlite"`) opens a database with a busy
+ * timeout of its own of 1000 ms, which TypeORM's `busyTimeout` option replaces: a
+ * statement that finds another process holding the lock waits that long, then fails
+ * with SQLITE_BUSY. Give a file database's connection {@link DEFAULT_SQLITE_BUSY_TIMEOUT_MS}
+ * instead, as TypeORM's better-sqlite3 driver has by default (its `timeout` option). An
+ * explicit `busyTimeout` (0 included) is left alone, and so are in-memory databases.
+ * Once per connection.
+ */
+export function applyDefaultBusyTimeout(dataSource: DataSource): void {
+  const options = dataSource.options as { type: unknown; database?: unknown; busyTimeout?: unknown };
+  if (options.type !== "sqlite" || options.busyTimeout !== undefined || !isFileDatabase(options.database)) return;
+  const connection = (dataSource.driver as unknown as { databaseConnection?: SqliteConnection }).databaseConnection;
+  if (typeof connection?.configure !== "function" || busyTimeoutSet.has(connection)) return;
+  busyTimeoutSet.add(connection);
+  connection.configure("busyTimeout", DEFAULT_SQLITE_BUSY_TIMEOUT_MS);
+}
+
+/** The part of a node-sqlite3 `Database` used to set its busy timeout. */
+interface SqliteConnection {
+  configure(option: "busyTimeout", milliseconds: number): void;
+}
+
+function isFileDatabase(database: unknown): boolean {
+  if (typeof database !== "string" || database === "" || database === ":memory:") return false;
+  return !database.startsWith("file::memory:") && !/[?&]mode=memory\b/.test(database);
+}

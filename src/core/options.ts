@@ -95,8 +95,10 @@ export interface SessionOptions {
    */
   timeoutMs?: number;
   /**
-   * Extra attempts for a transactional block that failed with a retryable error
-   * (serialization failure 40001, deadlock 40P01, SQLITE_BUSY): `retry: 3` runs the
+   * Extra attempts for a transactional block that failed with a retryable error (see
+   * {@link isRetryableError}: serialization failure 40001, deadlock 40P01, MySQL
+   * deadlock or lock wait timeout, SQLITE_BUSY and SQLITE_LOCKED, as when another
+   * process held a SQLite file's write lock beyond the busy timeout): `retry: 3` runs the
    * body at most 4 times, each from the start in a new transaction, with capped
    * exponential backoff and jitter. Only the outermost transactional block retries.
    * @default 0
@@ -380,8 +382,13 @@ function resolveRetry(retry: unknown): ResolvedRetry | undefined {
  * Whether an error is worth a new attempt of the whole transaction: a PostgreSQL
  * serialization failure (`40001`) or deadlock (`40P01`), a MySQL/MariaDB deadlock
  * (`1213`, `ER_LOCK_DEADLOCK`) or lock wait timeout (`1205`, `ER_LOCK_WAIT_TIMEOUT`),
- * or SQLite's `SQLITE_BUSY` (another connection holds the database lock). Looks
- * through TypeORM's `QueryFailedError` at the driver's error.
+ * or SQLite's `SQLITE_BUSY` (another connection, often another process, holds the
+ * database lock beyond the busy timeout) and `SQLITE_LOCKED` (a table lock within the
+ * same database), extended codes included (`SQLITE_BUSY_SNAPSHOT`,
+ * `SQLITE_LOCKED_SHAREDCACHE`...), whether the driver says so in `code` (better-sqlite3's
+ * `SqliteError`, node-sqlite3) or only in its message (`SQLITE_BUSY: database is locked`).
+ * Looks through TypeORM's `QueryFailedError` at the driver's error (`driverError`), and
+ * through `cause`.
  *
  * @param error - anything thrown
  * @returns `true` for those errors (also when wrapped as `driverError` or `cause`), else `false`
@@ -397,9 +404,15 @@ export function isRetryableError(error: unknown): boolean {
     // MySQL drivers (mysql2, mysql): numeric `errno`, symbolic `code`.
     if (errno === 1213 || errno === 1205) return true;
     if (code === "ER_LOCK_DEADLOCK" || code === "ER_LOCK_WAIT_TIMEOUT") return true;
-    if (typeof code === "string" && code.startsWith("SQLITE_BUSY")) return true;
-    if (typeof message === "string" && message.startsWith("SQLITE_BUSY")) return true;
+    // SQLite drivers: the (extended) result code's name in `code`, or at the start of the message.
+    if (typeof code === "string" && SQLITE_RETRYABLE_CODE.test(code)) return true;
+    if (typeof message === "string" && SQLITE_RETRYABLE_MESSAGE.test(message)) return true;
     e = (e as { driverError?: unknown; cause?: unknown }).driverError ?? (e as { cause?: unknown }).cause;
   }
   return false;
 }
+
+/** `SQLITE_BUSY`, `SQLITE_LOCKED` and their extended codes (`SQLITE_BUSY_SNAPSHOT`...). */
+const SQLITE_RETRYABLE_CODE = /^SQLITE_(BUSY|LOCKED)(_[A-Z]+)?$/;
+/** node-sqlite3's messages: `SQLITE_BUSY: database is locked`. */
+const SQLITE_RETRYABLE_MESSAGE = /^SQLITE_(BUSY|LOCKED)(_[A-Z]+)?:/;

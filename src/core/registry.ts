@@ -7,7 +7,7 @@ import {
   SessionClosedError,
 } from "../errors.js";
 import { openExplicit, openScope, runBlock, scopeSession, type SessionBody } from "./block.js";
-import { type DriverFamily, familyOf, isSingleConnection } from "./driver.js";
+import { applyDefaultBusyTimeout, type DriverFamily, familyOf, isSingleConnection } from "./driver.js";
 import { initializeOnce, trackInitialization } from "./initialization.js";
 import { Lease } from "./lease.js";
 import { describe, type OpenOptions, type SessionOptions } from "./options.js";
@@ -819,6 +819,7 @@ export class SessionRegistry {
       lease = isSingleConnection(dataSource) ? new Lease<Session>() : null;
       leases.set(dataSource, lease);
     }
+    applyDefaultBusyTimeout(dataSource);
     const family: DriverFamily = familyOf(dataSource);
     const track = (session: Session): void => {
       this.#opened += 1;

@@ -172,6 +172,11 @@ export class Session {
   #controlView: QueryRunner | undefined;
   /** Calls of the session's own that wait to come back through a wrapper the user assigned on the view. */
   readonly #pending = new Set<PropertyKey>();
+  /**
+   * SQLite: the BEGIN on its way is of a transaction that may write, and goes out as
+   * `BEGIN IMMEDIATE TRANSACTION` (see {@link #controlRunner}).
+   */
+  #immediate = false;
   /** A request's session once its request is over: it closes as soon as nothing of it runs. */
   #requestOver: RequestEnd | undefined;
   /** Closed (or closing) only because its request was over and nothing of it ran: it may reopen. */
@@ -1186,6 +1191,13 @@ export class Session {
   #controlRunner(): QueryRunner {
     if (this.#controlView !== undefined) return this.#controlView;
     const query = (sql: string, parameters?: unknown[], structured?: boolean): Promise<unknown> => {
+      // TypeORM's SQLite runners begin with a deferred BEGIN, which takes no lock: a transaction
+      // that reads and then writes must upgrade, and SQLite answers SQLITE_BUSY at once, without
+      // waiting for its busy timeout, when another connection wrote in between.
+      if (this.#immediate && sql === "BEGIN TRANSACTION") {
+        this.#immediate = false;
+        sql = "BEGIN IMMEDIATE TRANSACTION";
+      }
       const assigned = this.#handler!.assigned("query");
       if (assigned === undefined) return this.#controlStatement(sql, parameters, structured === true);
       this.#pending.add("query");
@@ -1395,7 +1407,15 @@ export class Session {
             if (spec.readOnly && this.#host.family === "mysql") {
               await this.#sendOwn("SET TRANSACTION READ ONLY");
             }
-            await this.#transaction("startTransaction", [spec.isolation]);
+            // SQLite: a transaction that may write takes the write lock as it begins, so that
+            // another process's writer makes it wait (busy timeout) rather than fail later. Not
+            // the test's own transaction of useTransactionalTests(), which writes nothing itself.
+            this.#immediate = !spec.readOnly && spec.invisible !== true && this.#host.family === "sqlite";
+            try {
+              await this.#transaction("startTransaction", [spec.isolation]);
+            } finally {
+              this.#immediate = false;
+            }
             if (spec.readOnly) await this.#readOnly(true);
           } catch (error) {
             await this.#undoBegin(real, spec.readOnly && this.#host.family === "mysql");
@@ -1439,9 +1459,13 @@ export class Session {
       try {
         await this.#transaction("rollbackTransaction");
       } catch (error) {
-        this.#host.reportError(this, error);
-        await this.#discard(error);
-        return;
+        // SQLite: the BEGIN itself failed (BEGIN IMMEDIATE answers SQLITE_BUSY once the busy
+        // timeout has run out), so no transaction is open: the state we want.
+        if (!(this.#host.family === "sqlite" && /no transaction is active/.test(String(error)))) {
+          this.#host.reportError(this, error);
+          await this.#discard(error);
+          return;
+        }
       }
     }
     Object.assign(real, { isTransactionActive: false, transactionDepth: 0 });

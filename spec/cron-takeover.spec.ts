@@ -4,11 +4,13 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { expect } from "chai";
 import { DataSource } from "typeorm";
-import type { SessionRegistry } from "../src/index.js";
-import { DatabaseRunCoordinator } from "../src/integrations/cron.js";
+import type { TaskContext } from "node-cron";
+import { RegistryClosedError, type SessionRegistry } from "../src/index.js";
+import { DatabaseRunCoordinator, sessionTask } from "../src/integrations/cron.js";
 import { type Backend, forEachBackend, type TestDb } from "./support/backends.js";
 import { freshDatabase, pgServer } from "./support/postgres-hooks.js";
 import { within } from "./support/http.js";
+import { rejectionOf } from "./support/util.js";
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -25,6 +27,12 @@ async function settledWithin(promise: Promise<unknown>, ms: number): Promise<boo
 
 let tables = 0;
 const leaseTable = () => `takeover_${process.pid}_${++tables}`;
+
+/** One fire of the task "job", as node-cron gives it to the task function, and its key. */
+function fire(second: number): { context: TaskContext; key: string } {
+  const date = new Date(Date.UTC(2030, 0, 1, 0, 0, second));
+  return { context: { task: { name: "job" }, date } as unknown as TaskContext, key: `job:${date.toISOString()}` };
+}
 
 describe("cron: DatabaseRunCoordinator options", () => {
   it("checks takeover and leaseMs", () => {
@@ -74,22 +82,71 @@ forEachBackend("cron: DatabaseRunCoordinator takeover and drain", (backend: Back
 
   for (const takeover of [false, true]) {
     const mode = takeover ? "with takeover" : "without takeover";
-    it(`${mode}: declines fires while the registry drains, and drain() waits for a granted fire's completion`, async function () {
+    it(`${mode}: declines fires while the registry drains, and drain() waits for a running fire's completion`, async function () {
       this.timeout(15_000);
       const options = takeover ? { takeover, leaseMs: 150 } : {};
       const coordinator = new DatabaseRunCoordinator({ registry: reg, table, ...options });
-      expect(await coordinator.shouldRun("job:1", 60_000)).to.be.true;
+      const { context, key } = fire(1);
+      expect(await coordinator.shouldRun(key, 60_000)).to.be.true;
+      let finish!: () => void;
+      const work = new Promise<void>((resolve) => (finish = resolve));
+      const tick = sessionTask(() => work, { registry: reg })(context);
       const draining = reg.drain({ timeoutMs: 10_000 });
-      // Granted and not completed: drain() waits (and with takeover the heartbeat goes on meanwhile).
+      // Running and not completed: drain() waits (and with takeover the heartbeat goes on meanwhile).
       expect(await settledWithin(draining, 400)).to.be.false;
-      expect(await coordinator.shouldRun("job:2", 60_000)).to.be.false;
-      expect(await new DatabaseRunCoordinator({ registry: reg, table, ...options }).shouldRun("job:3", 60_000)).to.be
-        .false;
-      await coordinator.onComplete("job:1");
-      expect(await within(draining, "drain() to finish")).to.deep.equal({ waited: 0, forced: 0 });
-      expect(await rows()).to.deep.equal([{ key: "job:1", completed: true }]);
+      expect(await coordinator.shouldRun(fire(2).key, 60_000)).to.be.false;
+      const another = new DatabaseRunCoordinator({ registry: reg, table, ...options });
+      expect(await another.shouldRun(fire(3).key, 60_000)).to.be.false;
+      finish();
+      await tick;
+      // The tick's session has closed; its completion is still to be recorded.
+      expect(await settledWithin(draining, 200)).to.be.false;
+      await coordinator.onComplete(key);
+      expect(await within(draining, "drain() to finish")).to.deep.equal({ waited: 1, forced: 0 });
+      expect(await rows()).to.deep.equal([{ key, completed: true }]);
+    });
+
+    it(`${mode}: a granted fire whose tick has not begun does not hold drain(); refused by the drain, it is not recorded as completed`, async function () {
+      this.timeout(15_000);
+      // node-cron runs a granted fire after its maxRandomDelay jitter, which task.stop() cancels.
+      const options = takeover ? { takeover, leaseMs: 150 } : {};
+      const coordinator = new DatabaseRunCoordinator({ registry: reg, table, ...options });
+      const { context, key } = fire(1);
+      expect(await coordinator.shouldRun(key, 60_000)).to.be.true;
+      expect(await within(reg.drain({ timeoutMs: 10_000 }), "drain() to finish", 2_000)).to.deep.equal({
+        waited: 0,
+        forced: 0,
+      });
+      // The jitter ends after the drain began: the tick is refused, its body never runs.
+      let ran = false;
+      const refused = await rejectionOf(sessionTask(() => void (ran = true), { registry: reg })(context));
+      expect(refused).to.be.instanceOf(RegistryClosedError);
+      expect(ran).to.be.false;
+      await coordinator.onComplete(key);
+      expect(await rows()).to.deep.equal([{ key, completed: false }]);
+      if (takeover) {
+        // Handed back: a live instance takes it over at once.
+        const live = new DatabaseRunCoordinator({ registry: db.registry("live"), table, ...options });
+        expect(await within(live.shouldRun(key, 60_000), "the takeover", 2_000)).to.be.true;
+        await live.onComplete(key);
+        expect(await rows()).to.deep.equal([{ key, completed: true }]);
+      }
     });
   }
+
+  it("with takeover: a granted fire whose tick never begins is handed back once the registry drains", async function () {
+    this.timeout(15_000);
+    const options = { table, takeover: true, leaseMs: 150 } as const;
+    const { key } = fire(1);
+    expect(await new DatabaseRunCoordinator({ registry: reg, ...options }).shouldRun(key, 60_000)).to.be.true;
+    const live = new DatabaseRunCoordinator({ registry: db.registry("live"), ...options });
+    const answer = live.shouldRun(key, 60_000);
+    // task.stop() cancelled the tick: no onComplete ever comes. While the registry is open, the heartbeat holds the fire.
+    expect(await settledWithin(answer, 600)).to.be.false;
+    await within(reg.drain({ timeoutMs: 10_000 }), "drain() to finish", 2_000);
+    expect(await within(answer, "the takeover", 3_000)).to.be.true;
+    await live.onComplete(key);
+  });
 
   it("with takeover: a waiter gets false once the holder completes; the heartbeat keeps the lease meanwhile", async function () {
     this.timeout(15_000);

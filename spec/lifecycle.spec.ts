@@ -247,12 +247,13 @@ forEachBackend("lifecycle", (backend: Backend) => {
     it("retryOn is asked once per failed attempt, in a new scope and in a joined one", async () => {
       for (const joined of [false, true]) {
         const asked: number[] = [];
+        const conflict = new Boom("conflict");
         let attempts = 0;
         const block = (): Promise<void> =>
           reg.withTransaction(
             () => {
               attempts += 1;
-              if (attempts < 3) throw new Boom(`conflict ${attempts}`);
+              if (attempts < 3) throw conflict; // the same object each time: asked again all the same
             },
             {
               retry: {

@@ -267,12 +267,15 @@ function decidedOnce(retry: ResolvedRetry): ResolvedRetry {
       if (last === undefined || last.error !== error) last = { error, verdict: retry.retryOn(error) };
       return last.verdict;
     },
+    // The same error object thrown again by a later attempt is asked about again.
+    attemptBegins: () => (last = undefined),
   };
 }
 
 /** Re-run `attempt` on retryable errors with capped exponential backoff and jitter. */
 async function retrying<T>(retry: ResolvedRetry, attempt: (n: number) => Promise<T>): Promise<T> {
   for (let n = 1; ; n++) {
+    retry.attemptBegins?.();
     try {
       return await attempt(n);
     } catch (error) {

@@ -199,16 +199,19 @@ const busyTimeoutSet = new WeakSet<object>();
  * statement that finds another process holding the lock waits that long, then fails
  * with SQLITE_BUSY. Give a file database's connection {@link DEFAULT_SQLITE_BUSY_TIMEOUT_MS}
  * instead, as TypeORM's better-sqlite3 driver has by default (its `timeout` option). An
- * explicit `busyTimeout` (0 included) is left alone, and so are in-memory databases.
- * Once per connection.
+ * explicit `busyTimeout` above 0 is TypeORM's to apply, and in-memory databases are left
+ * alone. `busyTimeout: 0`, which TypeORM skips (node-sqlite3 would keep its 1000 ms), is
+ * applied here: no wait, as better-sqlite3's `timeout: 0`. Once per connection.
  */
 export function applyDefaultBusyTimeout(dataSource: DataSource): void {
   const options = dataSource.options as { type: unknown; database?: unknown; busyTimeout?: unknown };
-  if (options.type !== "sqlite" || options.busyTimeout !== undefined || !isFileDatabase(options.database)) return;
+  if (options.type !== "sqlite" || !isFileDatabase(options.database)) return;
+  const { busyTimeout } = options;
+  if (busyTimeout !== undefined && busyTimeout !== 0) return;
   const connection = (dataSource.driver as unknown as { databaseConnection?: SqliteConnection }).databaseConnection;
   if (typeof connection?.configure !== "function" || busyTimeoutSet.has(connection)) return;
   busyTimeoutSet.add(connection);
-  connection.configure("busyTimeout", DEFAULT_SQLITE_BUSY_TIMEOUT_MS);
+  connection.configure("busyTimeout", busyTimeout === 0 ? 0 : DEFAULT_SQLITE_BUSY_TIMEOUT_MS);
 }
 
 /** The part of a node-sqlite3 `Database` used to set its busy timeout. */

@@ -183,6 +183,8 @@ export interface ResolvedRetry {
   readonly baseDelayMs: number;
   readonly maxDelayMs: number;
   readonly retryOn: (error: unknown) => boolean;
+  /** A new attempt begins: forget the verdict on the last one (see block.ts `decidedOnce`). */
+  readonly attemptBegins?: () => void;
 }
 
 const ISOLATION_LEVELS: readonly IsolationLevel[] = [

@@ -13,11 +13,39 @@ import { type DatabaseRunCoordinatorOptions, resolveCoordinatorOptions } from ".
 
 /** A fire this coordinator granted and node-cron has not completed. */
 interface Fire {
-  /** Lets drain() finish; once given back, the heartbeat stops. */
-  readonly release: () => void;
   readonly ttlMs: number;
+  /** Taken when the fire's tick begins, given back by onComplete: drain() waits for it. */
+  release: (() => void) | undefined;
   timer?: NodeJS.Timeout;
   done: boolean;
+  /** A `sessionTask` tick of this fire has begun. */
+  started: boolean;
+  /** That tick was refused before its body ran (the registry drains): the fire did not run. */
+  refused: boolean;
+}
+
+/**
+ * The fires granted in this process and not yet completed, by registry and key, for
+ * {@link tickBegins}. node-cron runs a granted fire only after its `maxRandomDelay`
+ * jitter, which `task.stop()` cancels (and then never calls `onComplete`): a fire is
+ * known to run only once its tick begins.
+ */
+const granted = new WeakMap<SessionRegistry, Map<string, Fire>>();
+
+/**
+ * @internal `sessionTask`: the tick of fire `key` (`name:ISO-time`) begins on
+ * `registry`. If a coordinator of this process granted that fire, drain() now waits
+ * for its `onComplete`; the returned callback says that the tick was refused before
+ * its body ran, so that `onComplete` hands the fire back instead of recording it.
+ */
+export function tickBegins(registry: SessionRegistry, key: string): (() => void) | undefined {
+  const fire = granted.get(registry)?.get(key);
+  if (fire === undefined || fire.done) return undefined;
+  fire.started = true;
+  fire.release ??= registry._hold();
+  return () => {
+    fire.refused = true;
+  };
 }
 
 /** A timer that keeps no process alive. */
@@ -48,9 +76,12 @@ const pause = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve,
  *
  * Both let a graceful stop through: while the registry drains, {@link shouldRun}
  * resolves `false` (the instance declines the fire; with takeover a lease it had just
- * won is handed back), and `drain()` waits for the fires it granted, letting their
- * heartbeat and {@link onComplete} reach the database, as long as the DataSource is
- * not destroyed (a `timeoutMs` that runs out does not wait for them).
+ * won is handed back), and `drain()` waits for the granted fires whose `sessionTask`
+ * tick has begun, letting their heartbeat and {@link onComplete} reach the database, as
+ * long as the DataSource is not destroyed (a `timeoutMs` that runs out does not wait
+ * for them). A granted fire whose tick has not begun (node-cron's `maxRandomDelay`,
+ * which `task.stop()` cancels) does not hold the drain; refused by it, it is not
+ * recorded as completed, and with takeover it is handed back to a live instance.
  *
  * Expired leases are purged during later acquisitions (with takeover, completed ones,
  * and lapsed ones after a day). Times come from the database's clock, so instances
@@ -183,12 +214,18 @@ export class DatabaseRunCoordinator implements RunCoordinator {
     if (fire !== undefined) this.#end(key, fire);
     try {
       const sql = await this.#prepare();
+      if (fire?.refused === true) {
+        // Its tick never ran (the registry drains): not completed. With takeover a live instance runs it.
+        if (this.takeover)
+          await this.#run("DatabaseRunCoordinator.handBack", true, (s) => s.query(sql.handBack, [key]));
+        return;
+      }
       const keep = Math.ceil(Math.max(fire?.ttlMs ?? 0, this.leaseMs ?? 0));
       await this.#run("DatabaseRunCoordinator.onComplete", fire !== undefined, (s) =>
         s.query(sql.complete, this.takeover ? [keep, key] : [key]),
       );
     } finally {
-      fire?.release();
+      fire?.release?.();
     }
   }
 
@@ -198,17 +235,12 @@ export class DatabaseRunCoordinator implements RunCoordinator {
    * registry drains, `undefined` when not granted.
    */
   async #claim(key: string, ttlMs: number, attempt: (sql: LeaseSql) => Promise<boolean>): Promise<boolean | undefined> {
-    const release = this.registry._hold();
-    if (release === undefined) return false;
+    if (this.registry._draining) return false;
     let sql: LeaseSql;
     try {
       sql = await this.#prepare();
-      if (!(await attempt(sql))) {
-        release();
-        return this.takeover ? undefined : false;
-      }
+      if (!(await attempt(sql))) return this.takeover ? undefined : false;
     } catch (error) {
-      release();
       if (error instanceof RegistryClosedError && this.registry._draining) return false;
       throw error;
     }
@@ -219,16 +251,18 @@ export class DatabaseRunCoordinator implements RunCoordinator {
           () => undefined, // then the lease lapses by itself
         );
       }
-      release();
       return false;
     }
     const previous = this.#fires.get(key);
     if (previous !== undefined) {
       this.#end(key, previous);
-      previous.release();
+      previous.release?.();
     }
-    const fire: Fire = { release, ttlMs, done: false };
+    const fire: Fire = { release: undefined, ttlMs, done: false, started: false, refused: false };
     this.#fires.set(key, fire);
+    let here = granted.get(this.registry);
+    if (here === undefined) granted.set(this.registry, (here = new Map()));
+    here.set(key, fire);
     if (this.takeover) this.#beat(key, fire, sql);
     return true;
   }
@@ -237,6 +271,14 @@ export class DatabaseRunCoordinator implements RunCoordinator {
   #beat(key: string, fire: Fire, sql: LeaseSql): void {
     const leaseMs = this.leaseMs ?? 0;
     fire.timer = setTimeout(() => {
+      if (!fire.started && this.registry._draining) {
+        // Granted, but its tick has not begun (node-cron's jitter) and now never will here: hand it back.
+        this.#end(key, fire);
+        void this.#run("DatabaseRunCoordinator.handBack", true, (s) => s.query(sql.handBack, [key])).catch(
+          () => undefined, // then the lease lapses by itself
+        );
+        return;
+      }
       void this.#run("DatabaseRunCoordinator.heartbeat", true, (s) => s.query(sql.renew, [leaseMs, key]))
         .catch(() => undefined) // the next beat tries again; a lease that lapses meanwhile may be taken over
         .then(() => {
@@ -250,6 +292,8 @@ export class DatabaseRunCoordinator implements RunCoordinator {
     fire.done = true;
     clearTimeout(fire.timer);
     if (this.#fires.get(key) === fire) this.#fires.delete(key);
+    const here = granted.get(this.registry);
+    if (here?.get(key) === fire) here.delete(key);
   }
 
   /**

@@ -12,6 +12,7 @@ import { defaultRegistry } from "../index.js";
 import type { Session, SessionOptions } from "../index.js";
 import { describe, resolveOptions } from "../core/options.js";
 import { findScope, storage } from "../core/scope.js";
+import { tickBegins } from "./cron-coordinator.js";
 import { noRegistryGiven } from "./cron-options.js";
 
 export { DatabaseRunCoordinator } from "./cron-coordinator.js";
@@ -66,9 +67,26 @@ export function sessionTask<T>(fn: SessionTaskBody<T>, options?: SessionOptions)
   const fallbackName = fn.name === "" ? undefined : fn.name;
   return function cronSessionTask(context: TaskContext): Promise<T> {
     const name = options?.name ?? context?.task?.name ?? fallbackName;
-    const tick = () => registry.withSession((session) => fn(session, context), { ...options, name });
+    // A fire granted by a DatabaseRunCoordinator of this process: drain() waits for its completion.
+    const key = context?.task?.name === undefined ? undefined : `${context.task.name}:${context.date.toISOString()}`;
+    const refused = key === undefined ? undefined : tickBegins(registry, key);
+    let ran = false;
+    const tick = () =>
+      registry.withSession(
+        (session) => {
+          ran = true;
+          return fn(session, context);
+        },
+        { ...options, name },
+      );
     // The scope of the code that scheduled the task, captured by node-cron's timers, is over.
-    const ticking = findScope(storage.getStore(), registry)?.ended === true ? storage.exit(tick) : tick();
+    let ticking = findScope(storage.getStore(), registry)?.ended === true ? storage.exit(tick) : tick();
+    if (refused !== undefined) {
+      ticking = ticking.catch((error: unknown) => {
+        if (!ran) refused();
+        return Promise.reject(error);
+      });
+    }
     return defaulted
       ? ticking.catch((error: unknown) => Promise.reject(noRegistryGiven(error, "sessionTask")))
       : ticking;

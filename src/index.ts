@@ -4,25 +4,22 @@
  *
  * @module typeorm-scoped-session
  */
-export {
-  configureSessions,
-  createSessionRegistry,
-  defaultRegistry,
-  parseUrl,
-  SessionRegistry,
-} from "./core/registry.js";
+export { configureSessions, createSessionRegistry, defaultRegistry, SessionRegistry } from "./core/registry.js";
+export { parseUrl } from "./core/registry-options.js";
 export type {
   CommonRegistryOptions,
   DataSourceInput,
   DataSourceRegistryOptions,
+  SessionRegistryOptions,
+  UrlRegistryOptions,
+} from "./core/registry-options.js";
+export type {
   DrainOptions,
   DrainResult,
   SessionEvent,
   SessionEventName,
   SessionListener,
-  SessionRegistryOptions,
   SessionStats,
-  UrlRegistryOptions,
 } from "./core/registry.js";
 export { currentSession, openSession, tryCurrentSession, withSession, withTransaction } from "./core/functions.js";
 export type { SessionBody } from "./core/block.js";

@@ -13,14 +13,8 @@ export type {
   SessionRegistryOptions,
   UrlRegistryOptions,
 } from "./core/registry-options.js";
-export type {
-  DrainOptions,
-  DrainResult,
-  SessionEvent,
-  SessionEventName,
-  SessionListener,
-  SessionStats,
-} from "./core/registry.js";
+export type { SessionEvent, SessionEventName, SessionListener } from "./core/events.js";
+export type { DrainOptions, DrainResult, SessionStats } from "./core/registry.js";
 export { currentSession, openSession, tryCurrentSession, withSession, withTransaction } from "./core/functions.js";
 export type { SessionBody } from "./core/block.js";
 export { isRetryableError } from "./core/options.js";

@@ -10,6 +10,7 @@ import { openExplicit, openScope, runBlock, scopeSession, type SessionBody } fro
 import { applyDefaultBusyTimeout, type DriverFamily, familyOf, isSingleConnection } from "./driver.js";
 import { initializeOnce, trackInitialization } from "./initialization.js";
 import { Lease } from "./lease.js";
+import { SessionEvents, type SessionEvent, type SessionEventName, type SessionListener } from "./events.js";
 import { describe, type OpenOptions, type SessionOptions } from "./options.js";
 import {
   dataSourceInput,
@@ -22,52 +23,6 @@ import { findScope, type Scope, storage } from "./scope.js";
 import { scopedManager, scopedRepository } from "./proxies.js";
 import { Session, type SessionHost } from "./session.js";
 import { isDataSource, typeormCopies } from "./typeorm.js";
-
-/**
- * Payload of every registry event: the one argument a {@link SessionListener} gets.
- *
- * @example
- * ```ts
- * db.on("leak", ({ session, name, durationMs, stack }) => {
- *   log.warn(`session #${session.id} (${name}) open for over ${durationMs} ms, opened at\n${stack}`);
- * });
- * ```
- */
-export interface SessionEvent {
-  /** The session concerned; use `session.id` to correlate events. */
-  readonly session: Session;
-  /** The session's label (its `name` option or method name). */
-  readonly name: string | undefined;
-  /**
-   * On `commit`, `rollback` and `close`: how long the transaction or session lasted; on
-   * `timeout`: how long the block ran; on `leak`: the `leakDetectionMs` it exceeded.
-   */
-  readonly durationMs?: number;
-  /** On `error` (and on a `rollback` caused by a failed COMMIT): what went wrong. */
-  readonly error?: unknown;
-  /** On `begin`, `commit` and `rollback`: whether this was a savepoint of an outer transaction. */
-  readonly savepoint?: boolean;
-  /** On `leak`: the stack trace of the code that opened the session. */
-  readonly stack?: string;
-  /** On `begin`, `commit` and `rollback` of a block run with `retry`: the attempt, from 1. */
-  readonly attempt?: number;
-  /** On `close`: the session had been reported through `leak`. */
-  readonly leakReported?: boolean;
-  /** On `close`: how many statements the session ran. */
-  readonly statements?: number;
-}
-
-/**
- * Names of registry events: `open` (a session was created), `connect` (it took a
- * connection), `begin`, `commit`, `rollback` (of a transaction or savepoint), `close`,
- * `timeout` (a block ran past its `timeoutMs`), `leak` (a session stayed open longer
- * than `leakDetectionMs`) and `error` (a failure that could not be thrown to anyone).
- */
-export type SessionEventName =
-  "open" | "connect" | "begin" | "commit" | "rollback" | "close" | "timeout" | "leak" | "error";
-
-/** A listener of registry events, added with {@link SessionRegistry.on}. */
-export type SessionListener = (event: SessionEvent) => void;
 
 /** Counters of a registry, from {@link SessionRegistry.stats}. */
 export interface SessionStats {
@@ -113,18 +68,6 @@ export interface DrainResult {
   readonly forced: number;
 }
 
-const EVENT_NAMES: readonly SessionEventName[] = [
-  "open",
-  "connect",
-  "begin",
-  "commit",
-  "rollback",
-  "close",
-  "timeout",
-  "leak",
-  "error",
-];
-
 /** @internal What blocks need of a registry besides what sessions need. */
 export interface RegistryHost extends SessionHost {
   /**
@@ -163,7 +106,7 @@ export class SessionRegistry {
   #input: DataSourceInput | undefined;
   #host: SessionHost | undefined;
   #initializing: Promise<SessionHost> | undefined;
-  readonly #listeners = new Map<SessionEventName, SessionListener[]>();
+  readonly #events: SessionEvents;
   readonly #repositories = new Map<EntityTarget<ObjectLiteral>, object>();
   #manager: EntityManager | undefined;
   #active = 0;
@@ -206,6 +149,7 @@ export class SessionRegistry {
       throw new TypeError(`Expected \`name\` to be a string, got ${describe(options.name)}`);
     }
     this.name = options.name ?? `registry-${++registries}`;
+    this.#events = new SessionEvents(this.name);
     this.#leakDetectionMs = leakDetection(options);
     this.#input = dataSourceInput(options);
     // From now on the application's own initialize() and this registry's share one initialization.
@@ -477,13 +421,7 @@ export class SessionRegistry {
    * ```
    */
   on(event: SessionEventName, listener: SessionListener): this {
-    if (!EVENT_NAMES.includes(event)) {
-      throw new RangeError(`Expected an event name (${EVENT_NAMES.join(", ")}), got ${describe(event)}`);
-    }
-    if (typeof listener !== "function") {
-      throw new TypeError(`Expected the listener to be a function, got ${describe(listener)}`);
-    }
-    this.#listeners.set(event, [...(this.#listeners.get(event) ?? []), listener]);
+    this.#events.on(event, listener);
     return this;
   }
 
@@ -502,12 +440,7 @@ export class SessionRegistry {
    * ```
    */
   off(event: SessionEventName, listener: SessionListener): this {
-    const list = this.#listeners.get(event);
-    if (list !== undefined)
-      this.#listeners.set(
-        event,
-        list.filter((l) => l !== listener),
-      );
+    this.#events.off(event, listener);
     return this;
   }
 
@@ -757,7 +690,7 @@ export class SessionRegistry {
       this.#active += 1;
       if (this.#active > this.#peak) this.#peak = this.#active;
       this.#open.set(session, this.#leakWatch(session));
-      this.#emit("open", session);
+      this.#events.emit("open", session);
     };
     const host = {
       dataSource,
@@ -779,15 +712,16 @@ export class SessionRegistry {
       },
       timedOut: (session: Session, durationMs: number): void => {
         this.#timeouts += 1;
-        this.#emit("timeout", session, { durationMs });
+        this.#events.emit("timeout", session, { durationMs });
       },
       emit: (event: SessionEventName, session: Session, extra?: object): void => {
         if (event === "commit" && !(extra as SessionEvent | undefined)?.savepoint) this.#commits += 1;
         if (event === "rollback" && !(extra as SessionEvent | undefined)?.savepoint) this.#rollbacks += 1;
-        this.#emit(event, session, extra);
+        // Sessions pass their events' details untyped: here they enter the typed emitter.
+        this.#events.emit(event, session, ...([extra] as [never]));
       },
       reportError: (session: Session, error: unknown): void => {
-        this.#emit("error", session, { error });
+        this.#events.emit("error", session, { error });
       },
       closed: (session: Session, durationMs: number): void => {
         const watch = this.#open.get(session);
@@ -799,7 +733,7 @@ export class SessionRegistry {
         // A reopened request session closes again: count only what it ran since.
         this.#statements += statements - (this.#counted.get(session) ?? 0);
         this.#counted.set(session, statements);
-        this.#emit(
+        this.#events.emit(
           "close",
           session,
           watch?.leaked ? { durationMs, statements, leakReported: true } : { durationMs, statements },
@@ -822,36 +756,11 @@ export class SessionRegistry {
     watch.timer = setTimeout(() => {
       watch.leaked = true;
       this.#leaks += 1;
-      this.#emit("leak", session, { stack, durationMs: limit });
+      this.#events.emit("leak", session, { stack, durationMs: limit });
     }, limit);
     watch.timer.unref();
     return watch;
   }
-
-  #emit(event: SessionEventName, session: Session, extra?: object): void {
-    const listeners = this.#listeners.get(event);
-    if (listeners === undefined || listeners.length === 0) {
-      if (event === "error") warn(this.name, session, (extra as SessionEvent).error);
-      return;
-    }
-    const payload: SessionEvent = { session, name: session.name, ...extra };
-    for (const listener of listeners) {
-      try {
-        listener(payload);
-      } catch (error) {
-        if (event === "error") warn(this.name, session, error);
-        else this.#emit("error", session, { error });
-      }
-    }
-  }
-}
-
-function warn(registry: string, session: Session, error: unknown): void {
-  process.emitWarning(
-    `typeorm-scoped-session: ${String(session)} of registry "${registry}": ${error instanceof Error ? (error.stack ?? error.message) : String(error)}` +
-      ` (add an "error" listener to the registry to handle this yourself)`,
-    { code: "TYPEORM_SCOPED_SESSION_ERROR" },
-  );
 }
 
 /**

@@ -14,7 +14,7 @@ export type {
   UrlRegistryOptions,
 } from "./core/registry-options.js";
 export type { SessionEvent, SessionEventName, SessionListener } from "./core/events.js";
-export type { DrainOptions, DrainResult, SessionStats } from "./core/registry.js";
+export type { DrainOptions, DrainResult, SessionStats } from "./core/pool.js";
 export { currentSession, openSession, tryCurrentSession, withSession, withTransaction } from "./core/functions.js";
 export type { SessionBody } from "./core/block.js";
 export { isRetryableError } from "./core/options.js";

@@ -1,17 +1,13 @@
 import type { DataSource, EntityManager, EntityTarget, ObjectLiteral, Repository } from "typeorm";
-import {
-  NoActiveSessionError,
-  RegistryBusyError,
-  RegistryClosedError,
-  RegistryNotConfiguredError,
-  SessionClosedError,
-} from "../errors.js";
+import { NoActiveSessionError, RegistryBusyError, RegistryNotConfiguredError, SessionClosedError } from "../errors.js";
 import { openExplicit, openScope, runBlock, scopeSession, type SessionBody } from "./block.js";
-import { applyDefaultBusyTimeout, type DriverFamily, familyOf, isSingleConnection } from "./driver.js";
+import { describe } from "./describe.js";
+import { SessionEvents, type SessionEventName, type SessionListener } from "./events.js";
+import { DataSourceHost, type RegistryHost } from "./host.js";
 import { initializeOnce, trackInitialization } from "./initialization.js";
-import { Lease } from "./lease.js";
-import { SessionEvents, type SessionEvent, type SessionEventName, type SessionListener } from "./events.js";
-import { describe, type OpenOptions, type SessionOptions } from "./options.js";
+import type { OpenOptions, SessionOptions } from "./options.js";
+import { SessionPool, type DrainOptions, type DrainResult, type SessionStats } from "./pool.js";
+import { scopedManager, scopedRepository } from "./proxies.js";
 import {
   dataSourceInput,
   type DataSourceInput,
@@ -20,69 +16,8 @@ import {
   type SessionRegistryOptions,
 } from "./registry-options.js";
 import { findScope, type Scope, storage } from "./scope.js";
-import { scopedManager, scopedRepository } from "./proxies.js";
-import { Session, type SessionHost } from "./session.js";
+import type { Session, SessionHost } from "./session.js";
 import { isDataSource, typeormCopies } from "./typeorm.js";
-
-/** Counters of a registry, from {@link SessionRegistry.stats}. */
-export interface SessionStats {
-  /** Sessions open now. */
-  readonly active: number;
-  /** Most sessions open at once. */
-  readonly peak: number;
-  /** Sessions opened since the registry was created. */
-  readonly opened: number;
-  /** Sessions closed since the registry was created. */
-  readonly closed: number;
-  /** Outermost transactions committed. */
-  readonly commits: number;
-  /** Outermost transactions rolled back. */
-  readonly rollbacks: number;
-  /** Blocks that ran past their `timeoutMs`. */
-  readonly timeouts: number;
-  /** Sessions reported through `leak`. */
-  readonly leaks: number;
-  /** Statements run by every session so far (see {@link Session.statements}). */
-  readonly statements: number;
-}
-
-/** Options of {@link SessionRegistry.drain}. */
-export interface DrainOptions {
-  /**
-   * How long to wait for open sessions to end by themselves before force-closing them.
-   * @default no limit
-   */
-  timeoutMs?: number;
-  /**
-   * Destroy the DataSource at the end.
-   * @default false
-   */
-  destroy?: boolean;
-}
-
-/** What {@link SessionRegistry.drain} did. */
-export interface DrainResult {
-  /** Sessions that ended by themselves during the wait. */
-  readonly waited: number;
-  /** Sessions force-closed (rolled back, released) after the wait. */
-  readonly forced: number;
-}
-
-/** @internal What blocks need of a registry besides what sessions need. */
-export interface RegistryHost extends SessionHost {
-  /**
-   * A new session; throws {@link RegistryClosedError} while the registry drains, unless
-   * `duringDrain` (bookkeeping that drain() waits for) and the DataSource is still initialized.
-   */
-  createSession(name: string | undefined, duringDrain?: boolean): Session;
-  /** A block ran past its timeoutMs. */
-  timedOut(session: Session, durationMs: number): void;
-  /** Throws {@link RegistryClosedError} once the registry has begun to drain. */
-  assertOpen(): void;
-}
-
-/** Leases of single-connection DataSources, shared by every registry that uses one. */
-const leases = new WeakMap<DataSource, Lease<Session> | null>();
 
 let registries = 0;
 
@@ -104,31 +39,12 @@ export class SessionRegistry {
   readonly name: string;
 
   #input: DataSourceInput | undefined;
-  #host: SessionHost | undefined;
+  #host: DataSourceHost | undefined;
   #initializing: Promise<SessionHost> | undefined;
   readonly #events: SessionEvents;
+  readonly #pool: SessionPool;
   readonly #repositories = new Map<EntityTarget<ObjectLiteral>, object>();
   #manager: EntityManager | undefined;
-  #active = 0;
-  #peak = 0;
-  #opened = 0;
-  #closed = 0;
-  #commits = 0;
-  #rollbacks = 0;
-  #timeouts = 0;
-  #leaks = 0;
-  #statements = 0;
-  /** Statements of closed sessions already in `#statements`, for those that reopen. */
-  #counted = new WeakMap<Session, number>();
-  #leakDetectionMs: number | undefined;
-  /** Open sessions, with their leak timers. */
-  readonly #open = new Map<Session, { timer?: NodeJS.Timeout; leaked?: boolean }>();
-  /** Set by drain(): no new sessions. */
-  #draining = false;
-  /** Resolved when the last open session closes and the last hold is given back, while drain() waits. */
-  #idle: (() => void) | undefined;
-  /** Work that drain() waits for besides open sessions (see {@link _hold}). */
-  #holds = 0;
   /** @internal The scope of useTransactionalTests(), which code outside every block joins. */
   _testScope: Scope | undefined;
 
@@ -150,7 +66,7 @@ export class SessionRegistry {
     }
     this.name = options.name ?? `registry-${++registries}`;
     this.#events = new SessionEvents(this.name);
-    this.#leakDetectionMs = leakDetection(options);
+    this.#pool = new SessionPool(this.name, this.#events, leakDetection(options));
     this.#input = dataSourceInput(options);
     // From now on the application's own initialize() and this registry's share one initialization.
     if (typeof this.#input === "object") trackInitialization(this.#input);
@@ -214,11 +130,11 @@ export class SessionRegistry {
    */
   configure(options: SessionRegistryOptions): void {
     expectOptionsObject(options);
-    if (this.#active > 0) throw new RegistryBusyError(this.name, this.#active);
-    this.#leakDetectionMs = leakDetection(options);
+    if (this.#pool.active > 0) throw new RegistryBusyError(this.name, this.#pool.active);
+    const leakDetectionMs = leakDetection(options);
     this.#input = dataSourceInput(options);
     if (typeof this.#input === "object") trackInitialization(this.#input);
-    this.#draining = false;
+    this.#pool.reopen(leakDetectionMs);
     this.#host = undefined;
     this.#initializing = undefined;
   }
@@ -454,20 +370,7 @@ export class SessionRegistry {
    * ```
    */
   stats(): SessionStats {
-    return {
-      active: this.#active,
-      peak: this.#peak,
-      opened: this.#opened,
-      closed: this.#closed,
-      commits: this.#commits,
-      rollbacks: this.#rollbacks,
-      timeouts: this.#timeouts,
-      leaks: this.#leaks,
-      statements: [...this.#open.keys()].reduce(
-        (sum, session) => sum + session.statements - (this.#counted.get(session) ?? 0),
-        this.#statements,
-      ),
-    };
+    return this.#pool.stats();
   }
 
   /**
@@ -535,20 +438,12 @@ export class SessionRegistry {
    * called (once or more); `undefined` once drain() has begun.
    */
   _hold(): (() => void) | undefined {
-    if (this.#draining) return undefined;
-    this.#holds += 1;
-    let held = true;
-    return () => {
-      if (!held) return;
-      held = false;
-      this.#holds -= 1;
-      if (this.#holds === 0 && this.#open.size === 0) this.#idle?.();
-    };
+    return this.#pool.hold();
   }
 
   /** @internal Whether drain() has begun and configure() has not opened the registry again. */
   get _draining(): boolean {
-    return this.#draining;
+    return this.#pool.draining;
   }
 
   /**
@@ -570,37 +465,8 @@ export class SessionRegistry {
    * });
    * ```
    */
-  async drain(options: DrainOptions = {}): Promise<DrainResult> {
-    if (typeof options !== "object" || options === null) {
-      throw new TypeError(`Expected drain options to be an object, got ${describe(options)}`);
-    }
-    const { timeoutMs, destroy = false } = options;
-    if (timeoutMs !== undefined && (typeof timeoutMs !== "number" || !(timeoutMs >= 0))) {
-      throw new RangeError(
-        `Expected \`timeoutMs\` to be a number of milliseconds from 0 up, got ${describe(timeoutMs)}`,
-      );
-    }
-    if (typeof destroy !== "boolean")
-      throw new TypeError(`Expected \`destroy\` to be a boolean, got ${describe(destroy)}`);
-    this.#draining = true;
-    const before = [...this.#open.keys()];
-    if (before.length > 0 || this.#holds > 0) {
-      let timer: NodeJS.Timeout | undefined;
-      await Promise.race([
-        new Promise<void>((resolve) => (this.#idle = resolve)),
-        ...(timeoutMs === undefined ? [] : [new Promise<void>((resolve) => (timer = setTimeout(resolve, timeoutMs)))]),
-      ]);
-      clearTimeout(timer);
-      this.#idle = undefined;
-    }
-    const left = [...this.#open.keys()];
-    // Sessions let through during the wait (see _hold) did not count as waited for.
-    const waited = before.filter((session) => !this.#open.has(session)).length;
-    await Promise.all(
-      left.map((session) => session._kill(new Error(`force-closed by registry "${this.name}" drain()`))),
-    );
-    if (destroy && this.#host?.dataSource.isInitialized) await this.#host.dataSource.destroy();
-    return { waited, forced: left.length };
+  drain(options: DrainOptions = {}): Promise<DrainResult> {
+    return this.#pool.drain(options, () => this.#host?.dataSource);
   }
 
   /**
@@ -658,7 +524,7 @@ export class SessionRegistry {
   _host(): RegistryHost {
     const host = this.#host;
     if (host === undefined) throw new RegistryNotConfiguredError(this.name);
-    return host as RegistryHost;
+    return host;
   }
 
   async #initialize(): Promise<SessionHost> {
@@ -673,93 +539,8 @@ export class SessionRegistry {
     const initializing = initializeOnce(dataSource);
     if (initializing !== undefined) await initializing;
     if (this.#input !== input) return this._ready(); // reconfigured meanwhile: use the new one
-    this.#host = this.#makeHost(dataSource);
+    this.#host = new DataSourceHost(this, this.#pool, this.#events, dataSource);
     return this.#host;
-  }
-
-  #makeHost(dataSource: DataSource): RegistryHost {
-    let lease = leases.get(dataSource);
-    if (lease === undefined) {
-      lease = isSingleConnection(dataSource) ? new Lease<Session>() : null;
-      leases.set(dataSource, lease);
-    }
-    applyDefaultBusyTimeout(dataSource);
-    const family: DriverFamily = familyOf(dataSource);
-    const track = (session: Session): void => {
-      this.#opened += 1;
-      this.#active += 1;
-      if (this.#active > this.#peak) this.#peak = this.#active;
-      this.#open.set(session, this.#leakWatch(session));
-      this.#events.emit("open", session);
-    };
-    const host = {
-      dataSource,
-      family,
-      lease: lease ?? undefined,
-      assertOpen: (): void => {
-        if (this.#draining) throw new RegistryClosedError(this.name);
-      },
-      createSession: (name: string | undefined, duringDrain = false): Session => {
-        if (!duringDrain || !dataSource.isInitialized) host.assertOpen();
-        const session = Session._create(this, host, name);
-        track(session);
-        return session;
-      },
-      reopened: (session: Session): boolean => {
-        if (this.#draining) return false;
-        track(session);
-        return true;
-      },
-      timedOut: (session: Session, durationMs: number): void => {
-        this.#timeouts += 1;
-        this.#events.emit("timeout", session, { durationMs });
-      },
-      emit: (event: SessionEventName, session: Session, extra?: object): void => {
-        if (event === "commit" && !(extra as SessionEvent | undefined)?.savepoint) this.#commits += 1;
-        if (event === "rollback" && !(extra as SessionEvent | undefined)?.savepoint) this.#rollbacks += 1;
-        // Sessions pass their events' details untyped: here they enter the typed emitter.
-        this.#events.emit(event, session, ...([extra] as [never]));
-      },
-      reportError: (session: Session, error: unknown): void => {
-        this.#events.emit("error", session, { error });
-      },
-      closed: (session: Session, durationMs: number): void => {
-        const watch = this.#open.get(session);
-        clearTimeout(watch?.timer);
-        this.#open.delete(session);
-        this.#active -= 1;
-        this.#closed += 1;
-        const statements = session.statements;
-        // A reopened request session closes again: count only what it ran since.
-        this.#statements += statements - (this.#counted.get(session) ?? 0);
-        this.#counted.set(session, statements);
-        this.#events.emit(
-          "close",
-          session,
-          watch?.leaked ? { durationMs, statements, leakReported: true } : { durationMs, statements },
-        );
-        if (this.#open.size === 0 && this.#holds === 0) this.#idle?.();
-      },
-    };
-    return host;
-  }
-
-  /** With `leakDetectionMs`: remember where the session was opened, and report it once if it stays open. */
-  #leakWatch(session: Session): { timer?: NodeJS.Timeout; leaked?: boolean } {
-    const limit = this.#leakDetectionMs;
-    if (limit === undefined) return {};
-    const traceLimit = Error.stackTraceLimit;
-    Error.stackTraceLimit = 30; // past this library's own frames, to the application's
-    const stack = new Error(`${String(session)} opened here`).stack;
-    Error.stackTraceLimit = traceLimit;
-    const watch: { timer?: NodeJS.Timeout; leaked?: boolean } = {};
-    watch.timer = setTimeout(() => {
-      watch.leaked = true;
-      this.#leaks += 1;
-      this.#events.emit("leak", session, { stack, durationMs: limit });
-    }, limit);
-    watch.timer.unref();
-    return watch;
   }
 }
 

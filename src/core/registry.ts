@@ -45,7 +45,7 @@ export class SessionRegistry {
   readonly #pool: SessionPool;
   readonly #repositories = new Map<EntityTarget<ObjectLiteral>, object>();
   #manager: EntityManager | undefined;
-  /** @internal The scope of useTransactionalTests(), which code outside every block joins. */
+  /** @internal The scope of useTransactionalTests() (see test-seam.ts), which code outside every block joins. */
   _testScope: Scope | undefined;
 
   /**
@@ -467,40 +467,6 @@ export class SessionRegistry {
    */
   drain(options: DrainOptions = {}): Promise<DrainResult> {
     return this.#pool.drain(options, () => this.#host?.dataSource);
-  }
-
-  /**
-   * @internal useTransactionalTests(): open the test's session and its outer
-   * transaction, invisible to the code under test, which joins it from anywhere.
-   */
-  async _beginTestTransaction(runAfterCommit: boolean): Promise<Session> {
-    if (this._testScope !== undefined) {
-      throw new Error(
-        `Registry "${this.name}" is already in a transactional test: call useTransactionalTests() once per suite`,
-      );
-    }
-    const ready = this._ready();
-    const host = ready instanceof Promise ? await ready : ready;
-    const session = (host as RegistryHost).createSession("transactional test");
-    session._test = true;
-    await session._enter(undefined, {
-      isolation: undefined,
-      readOnly: false,
-      durable: false,
-      savepoint: true,
-      name: "transactional test",
-      invisible: true,
-      runAfterCommit,
-    });
-    this._testScope = { registry: this, session, ended: false };
-    return session;
-  }
-
-  /** @internal useTransactionalTests(): roll the test's transaction back and close its session. */
-  async _endTestTransaction(): Promise<void> {
-    const scope = this._testScope;
-    this._testScope = undefined;
-    if (scope?.session !== undefined) await scope.session._close();
   }
 
   /**

@@ -4,26 +4,17 @@
  *
  * @module typeorm-scoped-session
  */
-export {
-  configureSessions,
-  createSessionRegistry,
-  defaultRegistry,
-  parseUrl,
-  SessionRegistry,
-} from "./core/registry.js";
+export { configureSessions, createSessionRegistry, defaultRegistry, SessionRegistry } from "./core/registry.js";
+export { parseUrl } from "./core/registry-options.js";
 export type {
   CommonRegistryOptions,
   DataSourceInput,
   DataSourceRegistryOptions,
-  DrainOptions,
-  DrainResult,
-  SessionEvent,
-  SessionEventName,
-  SessionListener,
   SessionRegistryOptions,
-  SessionStats,
   UrlRegistryOptions,
-} from "./core/registry.js";
+} from "./core/registry-options.js";
+export type { SessionEvent, SessionEventName, SessionListener } from "./core/events.js";
+export type { DrainOptions, DrainResult, SessionStats } from "./core/pool.js";
 export { currentSession, openSession, tryCurrentSession, withSession, withTransaction } from "./core/functions.js";
 export type { SessionBody } from "./core/block.js";
 export { isRetryableError } from "./core/options.js";

@@ -1,6 +1,7 @@
 import { NoActiveSessionError, PropagationError, SessionClosedError, SessionTimeoutError } from "../errors.js";
 import { describe, resolveOpenOptions, resolveOptions, type ResolvedOptions, type ResolvedRetry } from "./options.js";
-import type { RegistryHost, SessionRegistry } from "./registry.js";
+import type { RegistryHost } from "./host.js";
+import type { SessionRegistry } from "./registry.js";
 import { findScope, type Frame, lineage, type RequestEnd, type Scope, storage } from "./scope.js";
 import { DROPPED, type Session, type SessionCallback } from "./session.js";
 

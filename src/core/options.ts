@@ -1,4 +1,8 @@
+import { describe } from "./describe.js";
 import { SessionRegistry } from "./registry.js";
+
+// Re-exported for the modules that validate their own options.
+export { describe };
 
 /**
  * Transaction isolation levels, as TypeORM names them; the {@link SessionOptions.isolation}
@@ -207,12 +211,6 @@ const KNOWN = new Set<string>([
   "retry",
   "holdConnection",
 ]);
-
-/** `\`value\` (type)`, for messages that show what was received. */
-export function describe(value: unknown): string {
-  const shown = typeof value === "string" ? JSON.stringify(value) : String(value);
-  return `\`${shown}\` (${value === null ? "null" : typeof value})`;
-}
 
 function expectBoolean(
   options: SessionOptions,

@@ -1,210 +1,23 @@
-import type { DataSource, DataSourceOptions, EntityManager, EntityTarget, ObjectLiteral, Repository } from "typeorm";
-import {
-  NoActiveSessionError,
-  RegistryBusyError,
-  RegistryClosedError,
-  RegistryNotConfiguredError,
-  SessionClosedError,
-} from "../errors.js";
+import type { DataSource, EntityManager, EntityTarget, ObjectLiteral, Repository } from "typeorm";
+import { NoActiveSessionError, RegistryBusyError, RegistryNotConfiguredError, SessionClosedError } from "../errors.js";
 import { openExplicit, openScope, runBlock, scopeSession, type SessionBody } from "./block.js";
-import { applyDefaultBusyTimeout, type DriverFamily, familyOf, isSingleConnection } from "./driver.js";
+import { describe } from "./describe.js";
+import { SessionEvents, type SessionEventName, type SessionListener } from "./events.js";
+import { DataSourceHost, type RegistryHost } from "./host.js";
 import { initializeOnce, trackInitialization } from "./initialization.js";
-import { Lease } from "./lease.js";
-import { describe, type OpenOptions, type SessionOptions } from "./options.js";
-import { findScope, type Scope, storage } from "./scope.js";
+import type { OpenOptions, SessionOptions } from "./options.js";
+import { SessionPool, type DrainOptions, type DrainResult, type SessionStats } from "./pool.js";
 import { scopedManager, scopedRepository } from "./proxies.js";
-import { Session, type SessionHost } from "./session.js";
-import { appTypeorm, isDataSource, typeormCopies } from "./typeorm.js";
-
-/** A DataSource, or a function that makes one (late binding). */
-export type DataSourceInput = DataSource | (() => DataSource | Promise<DataSource>);
-
-/** Options every registry takes, whichever way it gets its DataSource. */
-export interface CommonRegistryOptions {
-  /**
-   * Shown in errors, events and leak reports.
-   * @default "default" for the default registry, else "registry-N"
-   */
-  name?: string;
-  /**
-   * A session open longer than this, in milliseconds, emits `leak` once, with the
-   * stack that opened it and its name.
-   * @default none
-   */
-  leakDetectionMs?: number;
-}
-
-/** Build the registry on an existing DataSource (initialized on first use if needed). */
-export interface DataSourceRegistryOptions extends CommonRegistryOptions {
-  /** The DataSource, or a function that returns one (or a promise of one) for late binding. */
-  dataSource: DataSourceInput;
-  /** Not with `dataSource`: pass one or the other. */
-  url?: never;
-}
-
-/**
- * Build the DataSource from a URL: `sqlite:./app.db`, `sqlite::memory:`,
- * `better-sqlite3:./app.db`, `postgres://user:pw@host:5432/db`. Every other
- * DataSource option (`entities`, `migrations`, `migrationsRun`, `synchronize`,
- * `logging`, `extra`, ...) passes through.
- */
-export interface UrlRegistryOptions extends CommonRegistryOptions {
-  /**
-   * Where the database is: `sqlite:./app.db`, `sqlite::memory:`, `better-sqlite3:./app.db`,
-   * `postgres://user:pw@host:5432/db`.
-   */
-  url: string;
-  /** Not with `url`: pass one or the other. */
-  dataSource?: never;
-  /** TypeORM's `entities` option: entity classes, schemas or glob paths. */
-  entities?: DataSourceOptions["entities"];
-  /** TypeORM's `migrations` option. */
-  migrations?: DataSourceOptions["migrations"];
-  /** TypeORM's `migrationsRun` option: run pending migrations when the DataSource initializes. */
-  migrationsRun?: boolean;
-  /** TypeORM's `synchronize` option: create the schema from the entities on initialization. */
-  synchronize?: boolean;
-  /** TypeORM's `logging` option. */
-  logging?: DataSourceOptions["logging"];
-  /** TypeORM's `subscribers` option. */
-  subscribers?: DataSourceOptions["subscribers"];
-  /** TypeORM's `namingStrategy` option. */
-  namingStrategy?: DataSourceOptions["namingStrategy"];
-  /** TypeORM's `extra` option, passed to the driver (for example the `pg` pool settings). */
-  extra?: unknown;
-  [option: string]: unknown;
-}
-
-/**
- * Options of {@link createSessionRegistry}, {@link configureSessions} and
- * {@link SessionRegistry.configure}: a `dataSource` (or a function making one), or a
- * `url` plus DataSource options, or neither (configure the data source later), with
- * the options every registry takes.
- *
- * @example
- * ```ts
- * const options: SessionRegistryOptions = { dataSource: () => AppDataSource, name: "main", leakDetectionMs: 30_000 };
- * ```
- */
-export type SessionRegistryOptions = DataSourceRegistryOptions | UrlRegistryOptions | CommonRegistryOptions;
-
-/**
- * Payload of every registry event: the one argument a {@link SessionListener} gets.
- *
- * @example
- * ```ts
- * db.on("leak", ({ session, name, durationMs, stack }) => {
- *   log.warn(`session #${session.id} (${name}) open for over ${durationMs} ms, opened at\n${stack}`);
- * });
- * ```
- */
-export interface SessionEvent {
-  /** The session concerned; use `session.id` to correlate events. */
-  readonly session: Session;
-  /** The session's label (its `name` option or method name). */
-  readonly name: string | undefined;
-  /**
-   * On `commit`, `rollback` and `close`: how long the transaction or session lasted; on
-   * `timeout`: how long the block ran; on `leak`: the `leakDetectionMs` it exceeded.
-   */
-  readonly durationMs?: number;
-  /** On `error` (and on a `rollback` caused by a failed COMMIT): what went wrong. */
-  readonly error?: unknown;
-  /** On `begin`, `commit` and `rollback`: whether this was a savepoint of an outer transaction. */
-  readonly savepoint?: boolean;
-  /** On `leak`: the stack trace of the code that opened the session. */
-  readonly stack?: string;
-  /** On `begin`, `commit` and `rollback` of a block run with `retry`: the attempt, from 1. */
-  readonly attempt?: number;
-  /** On `close`: the session had been reported through `leak`. */
-  readonly leakReported?: boolean;
-  /** On `close`: how many statements the session ran. */
-  readonly statements?: number;
-}
-
-/**
- * Names of registry events: `open` (a session was created), `connect` (it took a
- * connection), `begin`, `commit`, `rollback` (of a transaction or savepoint), `close`,
- * `timeout` (a block ran past its `timeoutMs`), `leak` (a session stayed open longer
- * than `leakDetectionMs`) and `error` (a failure that could not be thrown to anyone).
- */
-export type SessionEventName =
-  "open" | "connect" | "begin" | "commit" | "rollback" | "close" | "timeout" | "leak" | "error";
-
-/** A listener of registry events, added with {@link SessionRegistry.on}. */
-export type SessionListener = (event: SessionEvent) => void;
-
-/** Counters of a registry, from {@link SessionRegistry.stats}. */
-export interface SessionStats {
-  /** Sessions open now. */
-  readonly active: number;
-  /** Most sessions open at once. */
-  readonly peak: number;
-  /** Sessions opened since the registry was created. */
-  readonly opened: number;
-  /** Sessions closed since the registry was created. */
-  readonly closed: number;
-  /** Outermost transactions committed. */
-  readonly commits: number;
-  /** Outermost transactions rolled back. */
-  readonly rollbacks: number;
-  /** Blocks that ran past their `timeoutMs`. */
-  readonly timeouts: number;
-  /** Sessions reported through `leak`. */
-  readonly leaks: number;
-  /** Statements run by every session so far (see {@link Session.statements}). */
-  readonly statements: number;
-}
-
-/** Options of {@link SessionRegistry.drain}. */
-export interface DrainOptions {
-  /**
-   * How long to wait for open sessions to end by themselves before force-closing them.
-   * @default no limit
-   */
-  timeoutMs?: number;
-  /**
-   * Destroy the DataSource at the end.
-   * @default false
-   */
-  destroy?: boolean;
-}
-
-/** What {@link SessionRegistry.drain} did. */
-export interface DrainResult {
-  /** Sessions that ended by themselves during the wait. */
-  readonly waited: number;
-  /** Sessions force-closed (rolled back, released) after the wait. */
-  readonly forced: number;
-}
-
-const EVENT_NAMES: readonly SessionEventName[] = [
-  "open",
-  "connect",
-  "begin",
-  "commit",
-  "rollback",
-  "close",
-  "timeout",
-  "leak",
-  "error",
-];
-
-/** @internal What blocks need of a registry besides what sessions need. */
-export interface RegistryHost extends SessionHost {
-  /**
-   * A new session; throws {@link RegistryClosedError} while the registry drains, unless
-   * `duringDrain` (bookkeeping that drain() waits for) and the DataSource is still initialized.
-   */
-  createSession(name: string | undefined, duringDrain?: boolean): Session;
-  /** A block ran past its timeoutMs. */
-  timedOut(session: Session, durationMs: number): void;
-  /** Throws {@link RegistryClosedError} once the registry has begun to drain. */
-  assertOpen(): void;
-}
-
-/** Leases of single-connection DataSources, shared by every registry that uses one. */
-const leases = new WeakMap<DataSource, Lease<Session> | null>();
+import {
+  dataSourceInput,
+  type DataSourceInput,
+  expectOptionsObject,
+  leakDetection,
+  type SessionRegistryOptions,
+} from "./registry-options.js";
+import { findScope, type Scope, storage } from "./scope.js";
+import type { Session, SessionHost } from "./session.js";
+import { isDataSource, typeormCopies } from "./typeorm.js";
 
 let registries = 0;
 
@@ -226,32 +39,13 @@ export class SessionRegistry {
   readonly name: string;
 
   #input: DataSourceInput | undefined;
-  #host: SessionHost | undefined;
+  #host: DataSourceHost | undefined;
   #initializing: Promise<SessionHost> | undefined;
-  readonly #listeners = new Map<SessionEventName, SessionListener[]>();
+  readonly #events: SessionEvents;
+  readonly #pool: SessionPool;
   readonly #repositories = new Map<EntityTarget<ObjectLiteral>, object>();
   #manager: EntityManager | undefined;
-  #active = 0;
-  #peak = 0;
-  #opened = 0;
-  #closed = 0;
-  #commits = 0;
-  #rollbacks = 0;
-  #timeouts = 0;
-  #leaks = 0;
-  #statements = 0;
-  /** Statements of closed sessions already in `#statements`, for those that reopen. */
-  #counted = new WeakMap<Session, number>();
-  #leakDetectionMs: number | undefined;
-  /** Open sessions, with their leak timers. */
-  readonly #open = new Map<Session, { timer?: NodeJS.Timeout; leaked?: boolean }>();
-  /** Set by drain(): no new sessions. */
-  #draining = false;
-  /** Resolved when the last open session closes and the last hold is given back, while drain() waits. */
-  #idle: (() => void) | undefined;
-  /** Work that drain() waits for besides open sessions (see {@link _hold}). */
-  #holds = 0;
-  /** @internal The scope of useTransactionalTests(), which code outside every block joins. */
+  /** @internal The scope of useTransactionalTests() (see test-seam.ts), which code outside every block joins. */
   _testScope: Scope | undefined;
 
   /**
@@ -266,14 +60,13 @@ export class SessionRegistry {
    * ```
    */
   constructor(options: SessionRegistryOptions = {}) {
-    if (typeof options !== "object" || options === null) {
-      throw new TypeError(`Expected registry options to be an object, got ${describe(options)}`);
-    }
+    expectOptionsObject(options);
     if (options.name !== undefined && typeof options.name !== "string") {
       throw new TypeError(`Expected \`name\` to be a string, got ${describe(options.name)}`);
     }
     this.name = options.name ?? `registry-${++registries}`;
-    this.#leakDetectionMs = leakDetection(options);
+    this.#events = new SessionEvents(this.name);
+    this.#pool = new SessionPool(this.name, this.#events, leakDetection(options));
     this.#input = dataSourceInput(options);
     // From now on the application's own initialize() and this registry's share one initialization.
     if (typeof this.#input === "object") trackInitialization(this.#input);
@@ -336,14 +129,12 @@ export class SessionRegistry {
    * ```
    */
   configure(options: SessionRegistryOptions): void {
-    if (typeof options !== "object" || options === null) {
-      throw new TypeError(`Expected registry options to be an object, got ${describe(options)}`);
-    }
-    if (this.#active > 0) throw new RegistryBusyError(this.name, this.#active);
-    this.#leakDetectionMs = leakDetection(options);
+    expectOptionsObject(options);
+    if (this.#pool.active > 0) throw new RegistryBusyError(this.name, this.#pool.active);
+    const leakDetectionMs = leakDetection(options);
     this.#input = dataSourceInput(options);
     if (typeof this.#input === "object") trackInitialization(this.#input);
-    this.#draining = false;
+    this.#pool.reopen(leakDetectionMs);
     this.#host = undefined;
     this.#initializing = undefined;
   }
@@ -546,13 +337,7 @@ export class SessionRegistry {
    * ```
    */
   on(event: SessionEventName, listener: SessionListener): this {
-    if (!EVENT_NAMES.includes(event)) {
-      throw new RangeError(`Expected an event name (${EVENT_NAMES.join(", ")}), got ${describe(event)}`);
-    }
-    if (typeof listener !== "function") {
-      throw new TypeError(`Expected the listener to be a function, got ${describe(listener)}`);
-    }
-    this.#listeners.set(event, [...(this.#listeners.get(event) ?? []), listener]);
+    this.#events.on(event, listener);
     return this;
   }
 
@@ -571,12 +356,7 @@ export class SessionRegistry {
    * ```
    */
   off(event: SessionEventName, listener: SessionListener): this {
-    const list = this.#listeners.get(event);
-    if (list !== undefined)
-      this.#listeners.set(
-        event,
-        list.filter((l) => l !== listener),
-      );
+    this.#events.off(event, listener);
     return this;
   }
 
@@ -590,20 +370,7 @@ export class SessionRegistry {
    * ```
    */
   stats(): SessionStats {
-    return {
-      active: this.#active,
-      peak: this.#peak,
-      opened: this.#opened,
-      closed: this.#closed,
-      commits: this.#commits,
-      rollbacks: this.#rollbacks,
-      timeouts: this.#timeouts,
-      leaks: this.#leaks,
-      statements: [...this.#open.keys()].reduce(
-        (sum, session) => sum + session.statements - (this.#counted.get(session) ?? 0),
-        this.#statements,
-      ),
-    };
+    return this.#pool.stats();
   }
 
   /**
@@ -671,20 +438,12 @@ export class SessionRegistry {
    * called (once or more); `undefined` once drain() has begun.
    */
   _hold(): (() => void) | undefined {
-    if (this.#draining) return undefined;
-    this.#holds += 1;
-    let held = true;
-    return () => {
-      if (!held) return;
-      held = false;
-      this.#holds -= 1;
-      if (this.#holds === 0 && this.#open.size === 0) this.#idle?.();
-    };
+    return this.#pool.hold();
   }
 
   /** @internal Whether drain() has begun and configure() has not opened the registry again. */
   get _draining(): boolean {
-    return this.#draining;
+    return this.#pool.draining;
   }
 
   /**
@@ -706,71 +465,8 @@ export class SessionRegistry {
    * });
    * ```
    */
-  async drain(options: DrainOptions = {}): Promise<DrainResult> {
-    if (typeof options !== "object" || options === null) {
-      throw new TypeError(`Expected drain options to be an object, got ${describe(options)}`);
-    }
-    const { timeoutMs, destroy = false } = options;
-    if (timeoutMs !== undefined && (typeof timeoutMs !== "number" || !(timeoutMs >= 0))) {
-      throw new RangeError(
-        `Expected \`timeoutMs\` to be a number of milliseconds from 0 up, got ${describe(timeoutMs)}`,
-      );
-    }
-    if (typeof destroy !== "boolean")
-      throw new TypeError(`Expected \`destroy\` to be a boolean, got ${describe(destroy)}`);
-    this.#draining = true;
-    const before = [...this.#open.keys()];
-    if (before.length > 0 || this.#holds > 0) {
-      let timer: NodeJS.Timeout | undefined;
-      await Promise.race([
-        new Promise<void>((resolve) => (this.#idle = resolve)),
-        ...(timeoutMs === undefined ? [] : [new Promise<void>((resolve) => (timer = setTimeout(resolve, timeoutMs)))]),
-      ]);
-      clearTimeout(timer);
-      this.#idle = undefined;
-    }
-    const left = [...this.#open.keys()];
-    // Sessions let through during the wait (see _hold) did not count as waited for.
-    const waited = before.filter((session) => !this.#open.has(session)).length;
-    await Promise.all(
-      left.map((session) => session._kill(new Error(`force-closed by registry "${this.name}" drain()`))),
-    );
-    if (destroy && this.#host?.dataSource.isInitialized) await this.#host.dataSource.destroy();
-    return { waited, forced: left.length };
-  }
-
-  /**
-   * @internal useTransactionalTests(): open the test's session and its outer
-   * transaction, invisible to the code under test, which joins it from anywhere.
-   */
-  async _beginTestTransaction(runAfterCommit: boolean): Promise<Session> {
-    if (this._testScope !== undefined) {
-      throw new Error(
-        `Registry "${this.name}" is already in a transactional test: call useTransactionalTests() once per suite`,
-      );
-    }
-    const ready = this._ready();
-    const host = ready instanceof Promise ? await ready : ready;
-    const session = (host as RegistryHost).createSession("transactional test");
-    session._test = true;
-    await session._enter(undefined, {
-      isolation: undefined,
-      readOnly: false,
-      durable: false,
-      savepoint: true,
-      name: "transactional test",
-      invisible: true,
-      runAfterCommit,
-    });
-    this._testScope = { registry: this, session, ended: false };
-    return session;
-  }
-
-  /** @internal useTransactionalTests(): roll the test's transaction back and close its session. */
-  async _endTestTransaction(): Promise<void> {
-    const scope = this._testScope;
-    this._testScope = undefined;
-    if (scope?.session !== undefined) await scope.session._close();
+  drain(options: DrainOptions = {}): Promise<DrainResult> {
+    return this.#pool.drain(options, () => this.#host?.dataSource);
   }
 
   /**
@@ -794,7 +490,7 @@ export class SessionRegistry {
   _host(): RegistryHost {
     const host = this.#host;
     if (host === undefined) throw new RegistryNotConfiguredError(this.name);
-    return host as RegistryHost;
+    return host;
   }
 
   async #initialize(): Promise<SessionHost> {
@@ -809,206 +505,9 @@ export class SessionRegistry {
     const initializing = initializeOnce(dataSource);
     if (initializing !== undefined) await initializing;
     if (this.#input !== input) return this._ready(); // reconfigured meanwhile: use the new one
-    this.#host = this.#makeHost(dataSource);
+    this.#host = new DataSourceHost(this, this.#pool, this.#events, dataSource);
     return this.#host;
   }
-
-  #makeHost(dataSource: DataSource): RegistryHost {
-    let lease = leases.get(dataSource);
-    if (lease === undefined) {
-      lease = isSingleConnection(dataSource) ? new Lease<Session>() : null;
-      leases.set(dataSource, lease);
-    }
-    applyDefaultBusyTimeout(dataSource);
-    const family: DriverFamily = familyOf(dataSource);
-    const track = (session: Session): void => {
-      this.#opened += 1;
-      this.#active += 1;
-      if (this.#active > this.#peak) this.#peak = this.#active;
-      this.#open.set(session, this.#leakWatch(session));
-      this.#emit("open", session);
-    };
-    const host = {
-      dataSource,
-      family,
-      lease: lease ?? undefined,
-      assertOpen: (): void => {
-        if (this.#draining) throw new RegistryClosedError(this.name);
-      },
-      createSession: (name: string | undefined, duringDrain = false): Session => {
-        if (!duringDrain || !dataSource.isInitialized) host.assertOpen();
-        const session = Session._create(this, host, name);
-        track(session);
-        return session;
-      },
-      reopened: (session: Session): boolean => {
-        if (this.#draining) return false;
-        track(session);
-        return true;
-      },
-      timedOut: (session: Session, durationMs: number): void => {
-        this.#timeouts += 1;
-        this.#emit("timeout", session, { durationMs });
-      },
-      emit: (event: SessionEventName, session: Session, extra?: object): void => {
-        if (event === "commit" && !(extra as SessionEvent | undefined)?.savepoint) this.#commits += 1;
-        if (event === "rollback" && !(extra as SessionEvent | undefined)?.savepoint) this.#rollbacks += 1;
-        this.#emit(event, session, extra);
-      },
-      reportError: (session: Session, error: unknown): void => {
-        this.#emit("error", session, { error });
-      },
-      closed: (session: Session, durationMs: number): void => {
-        const watch = this.#open.get(session);
-        clearTimeout(watch?.timer);
-        this.#open.delete(session);
-        this.#active -= 1;
-        this.#closed += 1;
-        const statements = session.statements;
-        // A reopened request session closes again: count only what it ran since.
-        this.#statements += statements - (this.#counted.get(session) ?? 0);
-        this.#counted.set(session, statements);
-        this.#emit(
-          "close",
-          session,
-          watch?.leaked ? { durationMs, statements, leakReported: true } : { durationMs, statements },
-        );
-        if (this.#open.size === 0 && this.#holds === 0) this.#idle?.();
-      },
-    };
-    return host;
-  }
-
-  /** With `leakDetectionMs`: remember where the session was opened, and report it once if it stays open. */
-  #leakWatch(session: Session): { timer?: NodeJS.Timeout; leaked?: boolean } {
-    const limit = this.#leakDetectionMs;
-    if (limit === undefined) return {};
-    const traceLimit = Error.stackTraceLimit;
-    Error.stackTraceLimit = 30; // past this library's own frames, to the application's
-    const stack = new Error(`${String(session)} opened here`).stack;
-    Error.stackTraceLimit = traceLimit;
-    const watch: { timer?: NodeJS.Timeout; leaked?: boolean } = {};
-    watch.timer = setTimeout(() => {
-      watch.leaked = true;
-      this.#leaks += 1;
-      this.#emit("leak", session, { stack, durationMs: limit });
-    }, limit);
-    watch.timer.unref();
-    return watch;
-  }
-
-  #emit(event: SessionEventName, session: Session, extra?: object): void {
-    const listeners = this.#listeners.get(event);
-    if (listeners === undefined || listeners.length === 0) {
-      if (event === "error") warn(this.name, session, (extra as SessionEvent).error);
-      return;
-    }
-    const payload: SessionEvent = { session, name: session.name, ...extra };
-    for (const listener of listeners) {
-      try {
-        listener(payload);
-      } catch (error) {
-        if (event === "error") warn(this.name, session, error);
-        else this.#emit("error", session, { error });
-      }
-    }
-  }
-}
-
-function warn(registry: string, session: Session, error: unknown): void {
-  process.emitWarning(
-    `typeorm-scoped-session: ${String(session)} of registry "${registry}": ${error instanceof Error ? (error.stack ?? error.message) : String(error)}` +
-      ` (add an "error" listener to the registry to handle this yourself)`,
-    { code: "TYPEORM_SCOPED_SESSION_ERROR" },
-  );
-}
-
-function leakDetection(options: SessionRegistryOptions): number | undefined {
-  const value = options.leakDetectionMs;
-  if (value === undefined) return undefined;
-  if (typeof value !== "number" || !Number.isFinite(value) || value <= 0) {
-    throw new RangeError(`Expected \`leakDetectionMs\` to be a number of milliseconds above 0, got ${describe(value)}`);
-  }
-  return value;
-}
-
-function dataSourceInput(options: SessionRegistryOptions): DataSourceInput | undefined {
-  if ("dataSource" in options && options.dataSource !== undefined) {
-    if ("url" in options && options.url !== undefined) {
-      throw new TypeError("Pass either `dataSource` or `url` to the registry, not both");
-    }
-    const input = options.dataSource;
-    if (!isDataSource(input) && typeof input !== "function") {
-      throw new TypeError(
-        `Expected \`dataSource\` to be a DataSource or a function returning one, got ${describe(input)}.` +
-          typeormCopies(),
-      );
-    }
-    return input;
-  }
-  if ("url" in options && options.url !== undefined) {
-    const { url, name: _name, ...rest } = options;
-    const parsed = parseUrl(url);
-    // The application's typeorm, the copy its entities and code use, not necessarily the library's own.
-    const typeorm = appTypeorm();
-    if (typeorm === undefined)
-      throw new Error(`Cannot resolve typeorm from ${process.cwd()}: install it (npm install typeorm)`);
-    const { DataSource } = typeorm.module;
-    try {
-      return new DataSource({ ...rest, ...parsed } as DataSourceOptions as never);
-    } catch (error) {
-      // TypeORM 1.x has no "sqlite" (sqlite3) driver: there `sqlite:` URLs use better-sqlite3.
-      if (parsed.type !== "sqlite" || (error as Error | undefined)?.name !== "MissingDriverError") throw error;
-      return new DataSource({ ...rest, ...parsed, type: "better-sqlite3" } as DataSourceOptions as never);
-    }
-  }
-  return undefined;
-}
-
-/**
- * `sqlite:PATH`, `sqlite::memory:`, `better-sqlite3:PATH`, `postgres://...` (or
- * `postgresql://...`), `mysql://...` or `mariadb://...` to the DataSource options
- * that select the driver.
- *
- * @param url - the database URL
- * @returns the DataSource options `type` and `database` (SQLite) or `url` (PostgreSQL, MySQL, MariaDB)
- * @throws TypeError when `url` is not a string
- * @throws RangeError when the scheme is not one of the above, or the path or host part is missing
- * @example
- * ```ts
- * parseUrl("sqlite:./app.db"); // { type: "sqlite", database: "./app.db" }
- * parseUrl("postgres://app@localhost/app"); // { type: "postgres", url: "postgres://app@localhost/app" }
- * parseUrl("mysql://app:secret@localhost:3306/app"); // { type: "mysql", url: "mysql://app:secret@localhost:3306/app" }
- * ```
- */
-export function parseUrl(url: unknown): {
-  /** The TypeORM driver: `"sqlite"`, `"better-sqlite3"`, `"postgres"`, `"mysql"` or `"mariadb"`. */
-  type: string;
-  /** The database file, or `:memory:` (SQLite drivers). */
-  database?: string;
-  /** The connection URL (PostgreSQL, MySQL, MariaDB). */
-  url?: string;
-} {
-  if (typeof url !== "string") throw new TypeError(`Expected \`url\` to be a string, got ${describe(url)}`);
-  const match = /^(sqlite|better-sqlite3|postgres|postgresql|mysql|mariadb):(.*)$/.exec(url);
-  if (match === null) {
-    throw new RangeError(
-      "Expected `url` to start with sqlite:, better-sqlite3:, postgres://, postgresql://, mysql:// or mariadb://, " +
-        `got ${describe(url)}`,
-    );
-  }
-  const [, scheme, rest] = match as unknown as [string, string, string];
-  if (scheme !== "sqlite" && scheme !== "better-sqlite3") {
-    const type = scheme === "postgresql" ? "postgres" : scheme;
-    if (!rest.startsWith("//")) {
-      const port = type === "postgres" ? 5432 : 3306;
-      throw new RangeError(`Expected \`url\` of the form ${scheme}://user:pw@host:${port}/db, got ${describe(url)}`);
-    }
-    return { type, url };
-  }
-  const database = rest.startsWith("//") ? rest.slice(2) : rest;
-  if (database === "") throw new RangeError(`Expected a database path after "${scheme}:", got ${describe(url)}`);
-  return { type: scheme, database };
 }
 
 /**

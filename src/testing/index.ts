@@ -5,6 +5,7 @@
  */
 import { describe as describeValue } from "../core/options.js";
 import { defaultRegistry, SessionRegistry } from "../core/registry.js";
+import { beginTestTransaction, endTestTransaction } from "../core/test-seam.js";
 import type { Session } from "../core/session.js";
 
 /** Options of {@link useTransactionalTests}. */
@@ -110,11 +111,11 @@ export function useTransactionalTests(options: TransactionalTestsOptions = {}): 
   let session: Session | undefined;
   // No parameters: Jest and node:test would take a first parameter for a `done` callback.
   beforeEach(async function transactionalTestBegin() {
-    session = await registry._beginTestTransaction(runAfterCommit);
+    session = await beginTestTransaction(registry, runAfterCommit);
   });
   afterEach(async function transactionalTestRollback() {
     session = undefined;
-    await registry._endTestTransaction();
+    await endTestTransaction(registry);
   });
   return () => {
     if (session === undefined) throw new TypeError("The test's session exists only while a test runs");

@@ -13,12 +13,9 @@ import {
 } from "@nestjs/common";
 import type { EntityTarget, ObjectLiteral } from "typeorm";
 import { describe } from "../../core/options.js";
-import {
-  defaultRegistry,
-  type DrainOptions,
-  SessionRegistry,
-  type SessionRegistryOptions,
-} from "../../core/registry.js";
+import type { DrainOptions } from "../../core/pool.js";
+import { defaultRegistry, SessionRegistry } from "../../core/registry.js";
+import type { SessionRegistryOptions } from "../../core/registry-options.js";
 import { enterRequestScope } from "../http.js";
 import { watchOutsideTransaction } from "./outside-transaction.js";
 import { getSessionRepositoryToken } from "./repository.js";

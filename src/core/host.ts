@@ -1,0 +1,90 @@
+import type { DataSource } from "typeorm";
+import { applyDefaultBusyTimeout, type DriverFamily, familyOf, isSingleConnection } from "./driver.js";
+import type { SessionEvents } from "./events.js";
+import { Lease } from "./lease.js";
+import type { SessionPool } from "./pool.js";
+import type { SessionRegistry } from "./registry.js";
+import { Session, type SessionHost } from "./session.js";
+
+/** @internal What blocks need of a registry besides what sessions need. */
+export interface RegistryHost extends SessionHost {
+  /**
+   * A new session; throws {@link RegistryClosedError} while the registry drains, unless
+   * `duringDrain` (bookkeeping that drain() waits for) and the DataSource is still initialized.
+   */
+  createSession(name: string | undefined, duringDrain?: boolean): Session;
+  /** A block ran past its timeoutMs. */
+  timedOut(session: Session, durationMs: number): void;
+  /** Throws {@link RegistryClosedError} once the registry has begun to drain. */
+  assertOpen(): void;
+}
+
+/** Leases of single-connection DataSources, shared by every registry that uses one. */
+const leases = new WeakMap<DataSource, Lease<Session> | null>();
+
+/**
+ * @internal A registry's side of the sessions of one initialized DataSource: made once
+ * per DataSource the registry initializes (again after `configure()`), while the
+ * registry's {@link SessionPool} and {@link SessionEvents} outlive it. A session keeps the
+ * host it was created with, so a request session reopened after `configure()` stays on
+ * its own DataSource.
+ */
+export class DataSourceHost implements RegistryHost {
+  readonly dataSource: DataSource;
+  readonly family: DriverFamily;
+  readonly lease: Lease<Session> | undefined;
+  readonly #registry: SessionRegistry;
+  readonly #pool: SessionPool;
+  readonly #events: SessionEvents;
+
+  constructor(registry: SessionRegistry, pool: SessionPool, events: SessionEvents, dataSource: DataSource) {
+    let lease = leases.get(dataSource);
+    if (lease === undefined) {
+      lease = isSingleConnection(dataSource) ? new Lease<Session>() : null;
+      leases.set(dataSource, lease);
+    }
+    applyDefaultBusyTimeout(dataSource);
+    this.dataSource = dataSource;
+    this.family = familyOf(dataSource);
+    this.lease = lease ?? undefined;
+    this.#registry = registry;
+    this.#pool = pool;
+    this.#events = events;
+  }
+
+  assertOpen(): void {
+    this.#pool.assertOpen();
+  }
+
+  createSession(name: string | undefined, duringDrain = false): Session {
+    if (!duringDrain || !this.dataSource.isInitialized) this.#pool.assertOpen();
+    const session = Session._create(this.#registry, this, name);
+    this.#pool.opened(session);
+    return session;
+  }
+
+  reopened(session: Session): boolean {
+    if (this.#pool.draining) return false;
+    this.#pool.opened(session);
+    return true;
+  }
+
+  timedOut(session: Session, durationMs: number): void {
+    this.#pool.timedOut(session, durationMs);
+  }
+
+  emit(event: "connect" | "begin" | "commit" | "rollback" | "close", session: Session, extra?: object): void {
+    // Sessions pass their events' details untyped: here they enter the typed emitter.
+    const details = extra as { savepoint?: boolean } | undefined;
+    if ((event === "commit" || event === "rollback") && !details?.savepoint) this.#pool.ended(event);
+    this.#events.emit(event, session, ...([extra] as [never]));
+  }
+
+  reportError(session: Session, error: unknown): void {
+    this.#events.emit("error", session, { error });
+  }
+
+  closed(session: Session, durationMs: number): void {
+    this.#pool.closed(session, durationMs);
+  }
+}

@@ -1,7 +1,8 @@
-import type { DataSource } from "typeorm";
+import type { DataSource, EntityManager, QueryRunner } from "typeorm";
 import { applyDefaultBusyTimeout, type DriverFamily, familyOf, isSingleConnection } from "./driver.js";
 import type { SessionEvents } from "./events.js";
 import { Lease } from "./lease.js";
+import { sessionManager } from "./manager.js";
 import type { SessionPool } from "./pool.js";
 import type { SessionRegistry } from "./registry.js";
 import { Session, type SessionHost } from "./session.js";
@@ -78,6 +79,10 @@ export class DataSourceHost implements RegistryHost {
     const details = extra as { savepoint?: boolean } | undefined;
     if ((event === "commit" || event === "rollback") && !details?.savepoint) this.#pool.ended(event);
     this.#events.emit(event, session, ...([extra] as [never]));
+  }
+
+  manager(runner: QueryRunner, session: Session): EntityManager {
+    return sessionManager(this.dataSource, runner, session);
   }
 
   reportError(session: Session, error: unknown): void {

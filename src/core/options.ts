@@ -1,5 +1,6 @@
 import { describe } from "./describe.js";
-import { SessionRegistry } from "./registry.js";
+import { isRegistry } from "./registry-brand.js";
+import type { SessionRegistry } from "./registry.js";
 
 // Re-exported for the modules that validate their own options.
 export { describe };
@@ -299,7 +300,7 @@ export function resolveOptions(
     }
   }
   const o = options as SessionOptions;
-  if (o.registry !== undefined && !(o.registry instanceof SessionRegistry)) {
+  if (o.registry !== undefined && !isRegistry(o.registry)) {
     throw new TypeError(`Expected \`registry\` to be a SessionRegistry, got ${describe(o.registry)}`);
   }
   if (o.name !== undefined && typeof o.name !== "string") {

@@ -8,6 +8,7 @@ import { initializeOnce, trackInitialization } from "./initialization.js";
 import type { OpenOptions, SessionOptions } from "./options.js";
 import { SessionPool, type DrainOptions, type DrainResult, type SessionStats } from "./pool.js";
 import { scopedManager, scopedRepository } from "./proxies.js";
+import { markRegistry } from "./registry-brand.js";
 import {
   dataSourceInput,
   type DataSourceInput,
@@ -65,6 +66,7 @@ export class SessionRegistry {
       throw new TypeError(`Expected \`name\` to be a string, got ${describe(options.name)}`);
     }
     this.name = options.name ?? `registry-${++registries}`;
+    markRegistry(this);
     this.#events = new SessionEvents(this.name);
     this.#pool = new SessionPool(this.name, this.#events, leakDetection(options));
     this.#input = dataSourceInput(options);

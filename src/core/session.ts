@@ -4,7 +4,6 @@ import type { Lease } from "./lease.js";
 import type { IsolationLevel } from "./options.js";
 import type { SessionRegistry } from "./registry.js";
 import { cancelStatement, canReconnect, reconnectable } from "./driver.js";
-import { sessionManager } from "./manager.js";
 import { queueOf } from "./statement-queue.js";
 import { type Frame, isWithin, lineage, type RequestEnd, scopeOf, storage } from "./scope.js";
 import { discardConnection, type DriverFamily } from "./driver.js";
@@ -80,6 +79,8 @@ export interface SessionHost {
   closed(session: Session, durationMs: number): void;
   /** A closed request session is used again: count it as open; false while the registry drains. */
   reopened(session: Session): boolean;
+  /** The EntityManager bound to a session's runner view (made once per runner). */
+  manager(runner: QueryRunner, session: Session): EntityManager;
 }
 
 const OPEN = 0;
@@ -1055,7 +1056,7 @@ export class Session {
     this.#broadcaster = new Broadcaster(runner);
     this.#real = real;
     this.#runner = runner;
-    this.#manager = sessionManager(this.#host.dataSource, runner, this);
+    this.#manager = this.#host.manager(runner, this);
     // Subscribers of the driver's own events (BeforeQuery, AfterTransactionCommit...) see our manager.
     if (this.#host.lease === undefined) Object.assign(real, { manager: this.#manager });
     return real;

@@ -4,6 +4,7 @@
  * that no money was created or lost.
  */
 import { type IsolationLevel, type RetryOptions, type Session, type SessionRegistry } from "../src/index.js";
+import { seeded } from "../spec/support/util.js";
 
 export type Dialect = "postgres" | "mysql";
 
@@ -40,21 +41,9 @@ export interface Transfer {
   readonly amount: number;
 }
 
-/** mulberry32: a small deterministic PRNG, so that every cell with the same seed runs the same transfers. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
-  };
-}
-
 /** `count` transfers between two distinct accounts of 1..`accounts`, amounts 1..10. */
 export function makeTransfers(count: number, accounts: number, seed: number): Transfer[] {
-  const random = prng(seed);
+  const random = seeded(seed);
   const pick = () => 1 + Math.floor(random() * accounts);
   return Array.from({ length: count }, () => {
     const from = pick();

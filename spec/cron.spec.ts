@@ -1,4 +1,4 @@
-import { type ChildProcess, spawn } from "node:child_process";
+import type { ChildProcess } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { expect } from "chai";
 import cron, { type ScheduledTask, type TaskContext } from "node-cron";
@@ -18,6 +18,7 @@ import { freshDatabase, pgServer } from "./support/postgres-hooks.js";
 import { within } from "./support/http.js";
 import { TempSqlite } from "./support/sqlite.js";
 import { recordEvents, rejectionOf } from "./support/util.js";
+import { startWorker } from "./support/workers.js";
 
 const forSqlite = { open: (): Promise<TestDb> => Promise.resolve(new TempSqlite()) };
 
@@ -380,28 +381,7 @@ describe("cron: DatabaseRunCoordinator across processes [postgres]", function ()
     try {
       await setup.query("CREATE TABLE cron_runs (id serial PRIMARY KEY, key text NOT NULL, pid integer NOT NULL)");
       const worker = fileURLToPath(new URL("./support/cron-worker.js", import.meta.url));
-      const started = [1, 2, 3].map(() => {
-        const child = spawn(process.execPath, [worker, url, table, "distributed"], { stdio: ["pipe", "pipe", "pipe"] });
-        children.push(child);
-        let out = "";
-        let err = "";
-        child.stderr.on("data", (chunk: Buffer) => (err += chunk.toString()));
-        const ready = new Promise<void>((resolve) =>
-          child.stdout.on("data", (chunk: Buffer) => {
-            out += chunk.toString();
-            if (out.startsWith("ready\n")) resolve();
-          }),
-        );
-        const done = new Promise<Output>((resolve, reject) => {
-          child.on("error", reject);
-          child.on("exit", (code) => {
-            if (code !== 0) reject(new Error(`worker ${child.pid} exited with ${code}: ${err}`));
-            else resolve(JSON.parse(out.slice("ready\n".length).trim()) as Output);
-          });
-        });
-        done.catch(() => undefined); // awaited below; a worker killed after an earlier failure is no news
-        return { child, ready, done };
-      });
+      const started = [1, 2, 3].map(() => startWorker<Output>(worker, [url, table, "distributed"], children));
       const bounded = <T>(promise: Promise<T>, ms: number, what: string) =>
         Promise.race([promise, sleep(ms).then(() => Promise.reject(new Error(`workers: ${what} within ${ms} ms`)))]);
       // Every failure below leaves the children to afterEach, which kills them.

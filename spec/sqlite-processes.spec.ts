@@ -1,4 +1,4 @@
-import { type ChildProcess, spawn } from "node:child_process";
+import type { ChildProcess } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { expect } from "chai";
 import sinon from "sinon";
@@ -8,6 +8,7 @@ import { Note } from "./support/entities.js";
 import { within } from "./support/http.js";
 import { SQLITE_DRIVER, sqliteOptions, TempSqlite } from "./support/sqlite.js";
 import { load, rejectionOf } from "./support/util.js";
+import { startWorker } from "./support/workers.js";
 
 /** What a worker (support/sqlite-worker.ts) prints when it is done. */
 interface Summary {
@@ -56,28 +57,9 @@ describe("SQLite: several processes on one file", function () {
     await setup.destroy();
 
     const worker = fileURLToPath(new URL("./support/sqlite-worker.js", import.meta.url));
-    const started = Array.from({ length: processes }, () => {
-      const child = spawn(process.execPath, [worker, db.path, String(blocks)], { stdio: ["pipe", "pipe", "pipe"] });
-      children.push(child);
-      let out = "";
-      let err = "";
-      child.stderr.on("data", (chunk: Buffer) => (err += chunk.toString()));
-      const ready = new Promise<void>((resolve) =>
-        child.stdout.on("data", (chunk: Buffer) => {
-          out += chunk.toString();
-          if (out.startsWith("ready\n")) resolve();
-        }),
-      );
-      const done = new Promise<Summary>((resolve, reject) => {
-        child.on("error", reject);
-        child.on("exit", (code) => {
-          if (code !== 0) reject(new Error(`worker ${child.pid} exited with ${code}: ${err}`));
-          else resolve(JSON.parse(out.slice("ready\n".length).trim()) as Summary);
-        });
-      });
-      done.catch(() => undefined); // awaited below; a worker killed after an earlier failure is no news
-      return { child, ready, done };
-    });
+    const started = Array.from({ length: processes }, () =>
+      startWorker<Summary>(worker, [db.path, String(blocks)], children),
+    );
     // Every failure below leaves the children to afterEach, which kills them.
     await within(Promise.all(started.map((w) => w.ready)), "every worker ready", 20_000);
     const go = performance.now();

@@ -146,10 +146,10 @@ function sessionManagerClass(dataSource: DataSource): Omit<ManagerKit, "customiz
      */
     preload(this: SessionManager, ...args: unknown[]) {
       const dataSource = new Proxy(this.connection, {
-        get: (target, key, receiver) => (key === "manager" ? this : Reflect.get(target, key, receiver)),
+        get: (target, key, receiver): unknown => (key === "manager" ? this : Reflect.get(target, key, receiver)),
       });
       const onSession = new Proxy(this, {
-        get: (target, key, receiver) =>
+        get: (target, key, receiver): unknown =>
           key === "connection" || key === "dataSource" ? dataSource : Reflect.get(target, key, receiver),
       });
       return shadowed(this, "preload").apply(onSession, args);

@@ -167,7 +167,7 @@ function repositoryProxy<E extends ObjectLiteral>(
         dataSource === undefined
           ? Repository.prototype
           : (Object.getPrototypeOf(dataSource.manager.getRepository(target)) as object);
-      return Object.keys(custom).length === 0 ? base : Object.setPrototypeOf({ ...custom }, base);
+      return Object.keys(custom).length === 0 ? base : (Object.setPrototypeOf({ ...custom }, base) as object);
     },
     // A custom method may return synchronously or not: only `async function`s reject.
     isSynchronous: (property) =>

@@ -30,7 +30,7 @@ export function InjectSession(): ParameterDecorator {
       );
     }
     let methods = injected.get(target);
-    if (methods === undefined) injected.set(target, (methods = new Map()));
+    if (methods === undefined) injected.set(target, (methods = new Map<string | symbol, number>()));
     methods.set(propertyKey, index);
   };
 }

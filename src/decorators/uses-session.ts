@@ -4,7 +4,11 @@ import { defaultRegistry } from "../core/registry.js";
 import type { Session } from "../core/session.js";
 import { injectedIndex } from "./inject-session.js";
 
-type AnyMethod = (this: any, ...args: any[]) => any;
+// Decorators receive arbitrary method and constructor signatures: the public overloads below
+// constrain with `any[]` parameters, since a method's own parameter types (`id: number`) are not
+// assignable to `unknown` ones under strictFunctionTypes. Inside this module a method is only
+// passed on and applied, so it is seen with `unknown`s.
+type AnyMethod = (this: unknown, ...args: unknown[]) => unknown;
 type AsyncMethod = (this: any, ...args: any[]) => PromiseLike<unknown>;
 type AnyClass = abstract new (...args: any[]) => unknown;
 
@@ -32,7 +36,7 @@ export interface SessionDecorator {
   <C extends AnyClass>(constructor: C): void;
 }
 
-const AsyncFunction = Object.getPrototypeOf(async function () {}).constructor as FunctionConstructor;
+const AsyncFunction = (Object.getPrototypeOf(async function () {}) as { constructor: FunctionConstructor }).constructor;
 
 /** The functions this module made, so that a class-level decorator does not wrap them again. */
 const wrappers = new WeakSet<AnyMethod>();
@@ -93,7 +97,7 @@ export function Transactional(options?: SessionOptions): SessionDecorator {
 function sessionDecorator(options: SessionOptions | undefined, transactional: boolean): SessionDecorator {
   // Validated now, so that a mistake shows when the class is defined, not at the first call.
   const base = resolveOptions(options, undefined, transactional);
-  const decorator = (target: unknown, key: unknown, descriptor?: unknown): any => {
+  const decorator = (target: unknown, key: unknown, descriptor?: unknown): unknown => {
     const what = transactional ? "@Transactional()" : "@UsesSession()";
     if (isStandardContext(key)) {
       // Standard decorators: (value, context).
@@ -178,7 +182,7 @@ function wrap(
       base.registry ?? defaultRegistry,
       (session: Session) => {
         if (inject !== undefined && args[inject] === undefined) args[inject] = session;
-        return original.apply(this, args) as unknown;
+        return original.apply(this, args);
       },
       opts,
     );

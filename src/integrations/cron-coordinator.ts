@@ -261,7 +261,7 @@ export class DatabaseRunCoordinator implements RunCoordinator {
     const fire: Fire = { release: undefined, ttlMs, done: false, started: false, refused: false };
     this.#fires.set(key, fire);
     let here = granted.get(this.registry);
-    if (here === undefined) granted.set(this.registry, (here = new Map()));
+    if (here === undefined) granted.set(this.registry, (here = new Map<string, Fire>()));
     here.set(key, fire);
     if (this.takeover) this.#beat(key, fire, sql);
     return true;

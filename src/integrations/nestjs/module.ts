@@ -237,7 +237,8 @@ export class SessionModule implements NestModule, OnModuleInit, OnApplicationShu
     if (!Array.isArray(entities)) {
       throw new TypeError(`Expected SessionModule.forFeature() to get an array of entities, got ${describe(entities)}`);
     }
-    const providers = entities.map((entity) => ({
+    // Array.isArray narrows a readonly array to `any[]`: name the element type again.
+    const providers = entities.map((entity: EntityTarget<ObjectLiteral>) => ({
       provide: getSessionRepositoryToken(entity),
       useFactory: (registry: SessionRegistry) => registry.getRepository(entity),
       inject: [SessionRegistry],

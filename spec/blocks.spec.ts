@@ -20,7 +20,7 @@ forEachBackend("blocks", { mariadb: true }, (backend: Backend<BackendKind>) => {
 
   describe("guarantee 1: the session is removed exactly once, before the block settles", () => {
     const bodies: [string, (s: Session) => unknown, "fulfilled" | "rejected"][] = [
-      ["resolves", async (s) => s.query("SELECT 1"), "fulfilled"],
+      ["resolves", async (s) => s.query<unknown>("SELECT 1"), "fulfilled"],
       [
         "rejects",
         async (s) => {

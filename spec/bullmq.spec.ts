@@ -113,7 +113,7 @@ describe("bullmq", function () {
         h.worker(sessionProcessor(async (job) => job.id, { transaction: true, registry: reg }));
       });
       const job = await h.queue.add("probe", {});
-      const id = await job.waitUntilFinished(h.events, TTL);
+      const id: unknown = await job.waitUntilFinished(h.events, TTL);
       expect(creator!.closed).to.equal(true);
       expect(id).to.be.a("number").and.not.equal(creator!.id);
     });

@@ -459,7 +459,7 @@ describe("cron: a task and its coordinator on the application's registry", () =>
     const failed = new Promise<TaskContext>((resolve) => {
       const task = cron.schedule(
         "* * * * * *",
-        sessionTask(async (s) => s.query("SELECT 1")),
+        sessionTask(async (s) => s.query<unknown>("SELECT 1")),
         {
           name: "mistaken",
           distributed: true,

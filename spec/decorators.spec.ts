@@ -17,7 +17,7 @@ const reg = createSessionRegistry({ name: "decorators" });
 /** Which decorator convention this compilation uses: legacy calls get 3 arguments, standard ones 2. */
 const mode = (() => {
   let count = 0;
-  const probe: any = (...args: unknown[]): void => {
+  const probe = (...args: unknown[]): void => {
     count = args.length;
   };
   class Probe {
@@ -29,9 +29,9 @@ const mode = (() => {
 })();
 
 /** A decorator that stores reflect-metadata on the method, as routing or validation decorators do. */
-function Meta(key: string, value: string): any {
-  return (target: unknown, keyOrContext: unknown, descriptor?: PropertyDescriptor) => {
-    const method = typeof keyOrContext === "object" ? target : descriptor!.value;
+function Meta(key: string, value: string) {
+  return (target: unknown, keyOrContext: unknown, descriptor?: PropertyDescriptor): void => {
+    const method: unknown = typeof keyOrContext === "object" ? target : descriptor!.value;
     Reflect.defineMetadata(key, value, method as object);
   };
 }

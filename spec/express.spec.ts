@@ -139,7 +139,7 @@ forEachBackend("express: sessionMiddleware", (backend: Backend) => {
       await s.query("SELECT 1");
       first.resolve(s.id);
       await new Promise((resolve) => s.signal.addEventListener("abort", resolve, { once: true }));
-      const kept = await s.query("SELECT 1").catch((error: unknown) => error);
+      const kept = await s.query<unknown>("SELECT 1").catch((error: unknown) => error);
       const notes = await reg.getRepository(Note).count();
       after.resolve({ kept, count: notes, session: currentSession(reg).id });
       res.end();

@@ -117,7 +117,7 @@ describe("SQLite: one shared connection", () => {
         return count;
       })();
       const [w, count] = await Promise.allSettled([writer, reader]);
-      return { writer: w.status, count: count.status === "fulfilled" ? count.value : count.reason };
+      return { writer: w.status, count: count.status === "fulfilled" ? count.value : (count.reason as unknown) };
     }
 
     it("a reader waits for the writer and sees nothing it rolled back", async () => {

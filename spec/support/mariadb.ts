@@ -30,7 +30,7 @@ export interface MariaDbServer {
   /** Create a new, empty database and return its URL (`mysql://root@127.0.0.1:PORT/NAME_N`). */
   createDatabase(name?: string): Promise<string>;
   /** Run one statement as root on a connection of its own; resolves the rows. */
-  adminQuery<R = any>(sql: string, params?: unknown[]): Promise<R[]>;
+  adminQuery<R = Record<string, unknown>>(sql: string, params?: unknown[]): Promise<R[]>;
   /** Stop the server (bounded) and remove its directory. Idempotent. */
   stop(): Promise<void>;
 }

@@ -43,7 +43,10 @@ export interface PgServer {
   /** Create a new, empty database and return its URL. Names get a unique suffix. */
   createDatabase(name?: string): Promise<string>;
   /** Run one statement as the superuser on the `postgres` database; resolves the rows. */
-  adminQuery<R extends Record<string, any> = any>(sql: string, params?: unknown[]): Promise<R[]>;
+  adminQuery<R extends Record<string, unknown> = Record<string, unknown>>(
+    sql: string,
+    params?: unknown[],
+  ): Promise<R[]>;
   /** Stop the server (immediate shutdown, bounded) and remove its directory. Idempotent. */
   stop(): Promise<void>;
 }
@@ -390,7 +393,8 @@ async function makeServer(entry: Live, port: number): Promise<PgServer> {
     allowExitOnIdle: true,
   });
   admin.on("error", () => {});
-  const adminQuery = async (sql: string, params?: unknown[]) => (await admin.query(sql, params)).rows;
+  const adminQuery = async <R extends Record<string, unknown>>(sql: string, params?: unknown[]) =>
+    (await admin.query<R>(sql, params)).rows;
 
   let counter = 0;
   const createDatabase = async (name = "db") => {

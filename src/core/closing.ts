@@ -63,7 +63,7 @@ export class SessionClosing {
     const session = this.#session;
     state.closer = { scope: { registry: session.registry, session, ended: false }, parent: storage.getStore() };
     this.#host.lease?.cancel(session, () => state.closedError());
-    this.#gate.wake();
+    this.#state.wake();
   }
 
   /**
@@ -111,13 +111,16 @@ export class SessionClosing {
         if (top.begun || top.ending !== undefined) callbacks.push(...(await this.#tx.end(top, false)).callbacks);
         else stack.pop(top, "rolledBack"); // still waiting for the connection: nothing to undo
       }
-      handedBack = (await gate.close())?.handedBack;
+      if (gate.releasing !== undefined) await gate.releasing;
+      const release = gate.close();
+      if (release !== undefined && "wait" in release) await release.wait;
+      else handedBack = release?.handedBack;
     });
     this.#host.lease?.releaseAll(this.#session);
     while (this.#running.size > 0) await Promise.all(this.#running);
     state.life = CLOSED;
     state.abort();
-    gate.wake();
+    this.#state.wake();
     // The registry counts the session as open until its connection is back in the pool.
     const closed = (): void => this.#host.closed(this.#session, performance.now() - state.openedAt);
     if (handedBack === undefined) closed();

@@ -144,7 +144,7 @@ export class TransactionSql {
       );
     };
     this.#controlView = new Proxy(gate.real!, {
-      get: (real, key, view) => (key === "query" ? query : Reflect.get(real, key, view)),
+      get: (real, key, view): unknown => (key === "query" ? query : Reflect.get(real, key, view)),
     });
     return this.#controlView;
   }

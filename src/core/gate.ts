@@ -24,7 +24,7 @@ export class ConnectionGate {
   readonly #host: SessionHost;
   readonly #state: SessionState;
   readonly #stack: LevelStack;
-  /** What the runner view hands its calls to (the session's transactions). */
+  /** What the runner view hands its calls to (set once when the session is made). */
   viewTarget: ViewTarget | undefined;
   /** The driver's runner, its view and the EntityManager bound to the view, made on first use. */
   real: QueryRunner | undefined;
@@ -45,7 +45,6 @@ export class ConnectionGate {
    * ROLLBACK (and on PostgreSQL cancelled first on a timeout).
    */
   readonly inFlight = new Set<Promise<unknown>>();
-  #waiters: { frame: Frame | undefined; grant: () => void }[] = [];
 
   constructor(session: Session, host: SessionHost, state: SessionState, stack: LevelStack) {
     this.#session = session;
@@ -69,7 +68,7 @@ export class ConnectionGate {
 
   /** Whether something still holds or waits for the connection. */
   get idle(): boolean {
-    return this.connected === false && this.releasing === undefined && this.#waiters.length === 0;
+    return this.connected === false && this.releasing === undefined && this.#state.waiting === 0;
   }
 
   /** Whether the session is still waiting for its connection (the pool, or SQLite's lease). */
@@ -137,7 +136,7 @@ export class ConnectionGate {
     this.pinned = true;
     for (;;) {
       this.#state.assertUsable(frame);
-      if (!this.#state.mayRun(frame)) await this.#turn(frame);
+      if (!this.#state.mayRun(frame)) await this.#state.turn(frame);
       else if (this.connected !== true) await this.connect();
       else return;
     }
@@ -168,7 +167,7 @@ export class ConnectionGate {
       for (;;) {
         state.assertUsable(frame);
         if (state.mayRun(frame)) break;
-        await this.#turn(frame);
+        await this.#state.turn(frame);
       }
       // The connection is held from here until the last queued statement is answered
       // (or, inside a transaction, until its COMMIT or ROLLBACK).
@@ -186,7 +185,7 @@ export class ConnectionGate {
       for (;;) {
         state.assertUsable(frame);
         if (!state.mayRun(frame)) {
-          await this.#turn(frame);
+          await this.#state.turn(frame);
           continue;
         }
         const shared = this.#stack.size === 0;
@@ -225,29 +224,6 @@ export class ConnectionGate {
     while (this.inFlight.size > 0) await Promise.allSettled(this.inFlight);
   }
 
-  /** Wait until {@link wake} lets work from `frame` run (or the session closes). */
-  #turn(frame: Frame | undefined): Promise<void> {
-    return new Promise<void>((grant) => this.#waiters.push({ frame, grant }));
-  }
-
-  /** Queue `grant` until work from `frame` may run. */
-  wait(frame: Frame | undefined, grant: () => void): void {
-    this.#waiters.push({ frame, grant });
-  }
-
-  /** Wake waiters that may run now, in order; a granted level changes who may run next. */
-  wake(): void {
-    const state = this.#state;
-    if (state.requestOver !== undefined) state.idleCheck();
-    if (this.#waiters.length === 0) return;
-    const waiting = this.#waiters;
-    this.#waiters = [];
-    for (const waiter of waiting) {
-      if (!state.isOpen || state.mayRun(waiter.frame)) waiter.grant();
-      else this.#waiters.push(waiter);
-    }
-  }
-
   /**
    * Pooled drivers: outside a transaction the connection goes back to the pool as soon
    * as no statement of the session needs it (SQLAlchemy's Session holds one only for a
@@ -280,21 +256,24 @@ export class ConnectionGate {
   }
 
   /**
-   * The session closes: give a pooled connection back. Resolves once the pool has it;
-   * one the pool has not handed over yet (a timeout or a drain while waiting for it) is
-   * given back as soon as it is, without holding the session's closing up: releasing
-   * before would leave it checked out for good.
+   * The session closes: give a pooled connection back (`wait` for it). One the pool has
+   * not handed over yet (a timeout or a drain while waiting for it) is given back as soon
+   * as it is (`handedBack`), without holding the session's closing up: releasing before
+   * would leave it checked out for good. Call once {@link releasing} has settled.
    */
-  async close(): Promise<{ handedBack: Promise<void> } | undefined> {
-    if (this.releasing !== undefined) await this.releasing;
+  close(): { wait: Promise<void> } | { handedBack: Promise<void> } | undefined {
     const real = this.real;
     if (real === undefined || this.connected === false || this.#state.broken !== undefined) return undefined;
     if (this.#host.lease !== undefined) return undefined;
     if (this.connected instanceof Promise) {
-      return { handedBack: this.connected.then(() => this.#release(real), () => undefined) };
+      return {
+        handedBack: this.connected.then(
+          () => this.#release(real),
+          () => undefined,
+        ),
+      };
     }
-    await this.#release(real);
-    return undefined;
+    return { wait: this.#release(real) };
   }
 
   async #release(real: QueryRunner): Promise<void> {

@@ -53,10 +53,10 @@ export interface Handle {
   readonly joined: boolean;
 }
 
-/** @internal Opaque to blocks: pass it back to `_exit` and `_markRollbackOnly`. */
+/** Opaque to blocks: pass it back to `_exit` and `_markRollbackOnly`. */
 export type LevelHandle = object;
 
-/** @internal What a finished level leaves to do: callbacks to run and an error to throw. */
+/** What a finished level leaves to do: callbacks to run and an error to throw. */
 export interface LevelOutcome {
   readonly callbacks: SessionCallback[];
   readonly error?: unknown;

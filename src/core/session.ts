@@ -4,14 +4,22 @@ import { SessionClosing } from "./closing.js";
 import type { DriverFamily } from "./driver.js";
 import { ConnectionGate } from "./gate.js";
 import type { Lease } from "./lease.js";
-import { type Handle, type LevelHandle, type LevelOutcome, type LevelSpec, LevelStack, type SessionCallback } from "./levels.js";
+import {
+  type Handle,
+  type LevelHandle,
+  type LevelOutcome,
+  type LevelSpec,
+  LevelStack,
+  type SessionCallback,
+} from "./levels.js";
 import type { IsolationLevel } from "./options.js";
 import type { SessionRegistry } from "./registry.js";
 import { type Frame, type RequestEnd, scopeOf, storage } from "./scope.js";
 import { SessionState } from "./state.js";
 import { Transactions } from "./transactions.js";
+import { ViewCalls } from "./view-calls.js";
 
-export type { LevelHandle, LevelOutcome, LevelSpec, SessionCallback } from "./levels.js";
+export type { SessionCallback } from "./levels.js";
 export { OWNER } from "./runner-view.js";
 
 /** @internal The registry's side of a session: shared resources, events and counters. */
@@ -83,7 +91,9 @@ export class Session {
     const state = (this.#state = new SessionState(this, stack));
     const gate = (this.#gate = new ConnectionGate(this, host, state, stack));
     const tx = (this.#tx = new Transactions(this, host, state, stack, gate));
-    this.#closing = new SessionClosing(this, host, { state, stack, gate, tx });
+    const parts = { state, stack, gate, tx };
+    gate.viewTarget = new ViewCalls(this, host, parts);
+    this.#closing = new SessionClosing(this, host, parts);
   }
 
   /** @internal */
@@ -139,6 +149,7 @@ export class Session {
    * const rows = await s.query<{ n: number }[]>("SELECT count(*) AS n FROM users");
    * ```
    */
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any -- the public API: like TypeORM's own query(), untyped unless the caller says
   query<T = any>(sql: string, parameters?: unknown[]): Promise<T> {
     // A `query` assigned on `s.queryRunner` (a spy, an APM wrapper) sees these too.
     const view = this.#gate.view;

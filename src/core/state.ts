@@ -44,6 +44,8 @@ export class SessionState {
   /** Closed (or closing) only because its request was over and nothing of it ran: it may reopen. */
   idleClosed = false;
   #abort: AbortController | undefined;
+  /** Work waiting for its turn: until no level owned by another block is open. */
+  #waiters: { frame: Frame | undefined; grant: () => void }[] = [];
   /** The closing under way or done; resolves to the `afterRollback` callbacks of what it rolled back. */
   closing: Promise<SessionCallback[]> | undefined;
   /** Reopen an idle-closed request session (set by its closing part). */
@@ -89,6 +91,33 @@ export class SessionState {
 
   #inCloser(frame: Frame | undefined): boolean {
     return this.life === CLOSING && this.closer !== undefined && isWithin(frame, this.closer);
+  }
+
+  /** How many are waiting for their turn. */
+  get waiting(): number {
+    return this.#waiters.length;
+  }
+
+  /** Wait until {@link wake} lets work from `frame` run (or the session closes). */
+  turn(frame: Frame | undefined): Promise<void> {
+    return new Promise<void>((grant) => this.#waiters.push({ frame, grant }));
+  }
+
+  /** Call `grant` once work from `frame` may run (or the session closes). */
+  wait(frame: Frame | undefined, grant: () => void): void {
+    this.#waiters.push({ frame, grant });
+  }
+
+  /** Wake waiters that may run now, in order; a granted level changes who may run next. */
+  wake(): void {
+    if (this.requestOver !== undefined) this.idleCheck();
+    if (this.#waiters.length === 0) return;
+    const waiting = this.#waiters;
+    this.#waiters = [];
+    for (const waiter of waiting) {
+      if (this.life !== OPEN || this.mayRun(waiter.frame)) waiter.grant();
+      else this.#waiters.push(waiter);
+    }
   }
 
   /** Run `fn` as the closer while closing, so that its statements are let through. */

@@ -1,31 +1,24 @@
-import type { QueryRunner } from "typeorm";
 import { PropagationError, TransactionNotActiveError } from "../errors.js";
 import { TransactionSql } from "./control.js";
 import type { ConnectionGate } from "./gate.js";
 import type { Handle, Level, LevelHandle, LevelOutcome, LevelSpec, LevelStack, SessionCallback } from "./levels.js";
-import type { IsolationLevel } from "./options.js";
-import type { TransactionMethod, ViewTarget } from "./runner-view.js";
-import { type Frame, isWithin, storage } from "./scope.js";
+import { type Frame, storage } from "./scope.js";
 import type { Session, SessionHost } from "./session.js";
 import type { SessionState } from "./state.js";
-
-/** A begin through the runner view, as `manager.transaction()` and TypeORM's implicit transactions do. */
-const VIEW_BEGIN = { readOnly: false, durable: false, savepoint: true, name: undefined } as const;
 
 /**
  * A session's transactions: opens a level for a block (BEGIN, or a SAVEPOINT when one
  * is open) or joins the open one, and ends it (COMMIT or RELEASE, ROLLBACK) exactly
- * once, whoever asks second. Also what the session's runner view hands its calls to.
+ * once, whoever asks second.
  */
-export class Transactions implements ViewTarget {
+export class Transactions {
   readonly session: Session;
   readonly #host: SessionHost;
   readonly #state: SessionState;
   readonly #stack: LevelStack;
   readonly #gate: ConnectionGate;
-  readonly #sql: TransactionSql;
-  /** Levels TypeORM began through the runner view, to be ended by its commit/rollback calls. */
-  #viewLevels: Level[] = [];
+  /** The BEGIN, COMMIT... statements themselves. */
+  readonly sql: TransactionSql;
   /** The BEGIN or SAVEPOINT in flight, if any: closing waits for it. */
   starting: Promise<void> | undefined;
 
@@ -35,8 +28,7 @@ export class Transactions implements ViewTarget {
     this.#state = state;
     this.#stack = stack;
     this.#gate = gate;
-    this.#sql = new TransactionSql(session, host, gate, (error) => this.discard(error));
-    gate.viewTarget = this;
+    this.sql = new TransactionSql(session, host, gate, (error) => this.discard(error));
   }
 
   /**
@@ -57,7 +49,7 @@ export class Transactions implements ViewTarget {
       }
     }
     return new Promise<LevelHandle>((resolve, reject) => {
-      this.#gate.wait(frame, () => {
+      this.#state.wait(frame, () => {
         try {
           if (!state.usableFrom(frame)) throw state.closedError();
           resolve(this.#start(this.#stack.push(frame, spec, String(this.session)), spec));
@@ -156,8 +148,8 @@ export class Transactions implements ViewTarget {
         );
       }
       const starting = (async () => {
-        if (level.savepoint) await this.#sql.call("startTransaction");
-        else await this.#sql.begin(spec.isolation, spec.readOnly, spec.invisible === true);
+        if (level.savepoint) await this.sql.call("startTransaction");
+        else await this.sql.begin(spec.isolation, spec.readOnly, spec.invisible === true);
         level.begun = true;
       })();
       const settled = starting.catch(() => undefined);
@@ -170,7 +162,7 @@ export class Transactions implements ViewTarget {
     } catch (error) {
       if (level.ended === undefined) this.#stack.pop(level, "rolledBack");
       if (held) lease!.release(this.session);
-      gate.wake();
+      this.#state.wake();
       throw error;
     }
     this.#host.emit("begin", this.session, { savepoint: level.savepoint, attempt: level.attempt });
@@ -203,7 +195,7 @@ export class Transactions implements ViewTarget {
       };
     }
     try {
-      await this.#sql.call("commitTransaction");
+      await this.sql.call("commitTransaction");
     } catch (error) {
       if (level.savepoint) return { callbacks: (await this.#rollback(level)).callbacks, error };
       // A failed COMMIT leaves the connection in an unknown state: never reuse it.
@@ -233,7 +225,7 @@ export class Transactions implements ViewTarget {
   async #rollback(level: Level): Promise<LevelOutcome> {
     let failed = false;
     try {
-      await this.#sql.call("rollbackTransaction");
+      await this.sql.call("rollbackTransaction");
     } catch (error) {
       failed = true;
       this.#host.reportError(this.session, error);
@@ -253,14 +245,14 @@ export class Transactions implements ViewTarget {
   /** Emit the end of a level and let waiting blocks run. */
   #ended(event: "commit" | "rollback", payload: object): void {
     this.#host.emit(event, this.session, payload);
-    this.#gate.wake();
+    this.#state.wake();
   }
 
   /** After the outermost COMMIT or ROLLBACK: undo per-transaction settings, give the lease back. */
   async #endOutermost(level: Level): Promise<void> {
     if (level.readOnly && this.#host.family === "sqlite") {
       try {
-        await this.#sql.readOnly(false);
+        await this.sql.readOnly(false);
       } catch (error) {
         this.#host.reportError(this.session, error);
       }
@@ -277,63 +269,7 @@ export class Transactions implements ViewTarget {
     await this.#gate.discard(error);
     this.#stack.dropAll();
     state.abort();
-    this.#gate.wake();
-  }
-
-  // ---------------------------------------------------------------------------
-  // The runner view's calls (ViewTarget).
-
-  viewQuery(sql: string, parameters: unknown[] | undefined, structured: boolean): Promise<unknown> {
-    // Our own BEGIN/COMMIT... coming back through a wrapper the user assigned.
-    if (this.#sql.returning("query")) return this.#gate.control(sql, parameters, structured);
-    return this.#gate.statement(sql, parameters, structured);
-  }
-
-  async viewStream(args: Parameters<QueryRunner["stream"]>): Promise<unknown> {
-    // A stream reads from its connection until it ends: the session keeps it until it closes.
-    if (this.#host.lease === undefined) await this.#gate.hold(storage.getStore());
-    return this.#gate.real!.stream(...args);
-  }
-
-  async viewConnect(): Promise<unknown> {
-    // Asked for the connection itself (LISTEN, COPY, a driver API): the session keeps it until it closes.
-    this.#state.assertUsable(storage.getStore());
-    this.#gate.pinned = true;
-    await this.#gate.connect();
-    return this.#gate.real!.connect();
-  }
-
-  viewTransaction(method: TransactionMethod, isolation?: IsolationLevel): Promise<void> {
-    if (this.#sql.returning(method)) return this.#sql.driverCall(method, method === "startTransaction" ? [isolation] : []);
-    return method === "startTransaction" ? this.#viewBegin(isolation) : this.#viewEnd(method === "commitTransaction");
-  }
-
-  viewTransactionActive(): boolean {
-    return this.#stack.visible > 0 && this.#state.mayRun(storage.getStore());
-  }
-
-  /**
-   * TypeORM itself begins a transaction through the runner (`manager.transaction()`,
-   * an implicit one around `save()`): it becomes a level, ended by the matching
-   * commit/rollback through the runner. A begin that failed leaves nothing behind for
-   * TypeORM's rollback to undo.
-   */
-  async #viewBegin(isolation: IsolationLevel | undefined): Promise<void> {
-    const handle = (await this.enter(storage.getStore(), { ...VIEW_BEGIN, isolation })) as Handle;
-    this.#viewLevels.push(handle.level);
-  }
-
-  async #viewEnd(commit: boolean): Promise<void> {
-    const frame = storage.getStore();
-    this.#viewLevels = this.#viewLevels.filter((l) => l.ended === undefined);
-    const level = this.#viewLevels.at(-1);
-    if (level === undefined || !(level.owner === undefined || isWithin(frame, level.owner))) {
-      throw new TransactionNotActiveError(String(this.session), commit ? "commitTransaction" : "rollbackTransaction");
-    }
-    this.#viewLevels.pop();
-    const outcome = await this.exit({ level, joined: false } satisfies Handle, commit);
-    await this.runCallbacks(outcome.callbacks);
-    if ("error" in outcome) throw outcome.error;
+    this.#state.wake();
   }
 
   /** Run callbacks in order, reporting failures through the registry's `error` event. */

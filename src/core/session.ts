@@ -74,6 +74,8 @@ export class Session {
   readonly id: number;
   /** @internal The session of useTransactionalTests(). */
   _test = false;
+  /** @internal Statements the registry has counted already (a request session may close, reopen and close again). */
+  _counted = 0;
   /** The block's label (its `name` option or method name), if any. */
   readonly name: string | undefined;
   /** The registry that created this session. */

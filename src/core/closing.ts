@@ -2,12 +2,9 @@ import { SessionTimeoutError } from "../errors.js";
 import type { ConnectionGate } from "./gate.js";
 import type { LevelStack, SessionCallback } from "./levels.js";
 import type { RequestEnd } from "./scope.js";
-import { storage } from "./scope.js";
 import type { Session, SessionHost } from "./session.js";
-import { CLOSED, CLOSING, OPEN, type SessionState } from "./state.js";
+import { CLOSED, OPEN, type SessionState } from "./state.js";
 import type { Transactions } from "./transactions.js";
-
-const NOTHING_ROLLED_BACK: Promise<SessionCallback[]> = Promise.resolve([]);
 
 /**
  * How a session ends: closed by its block (or its caller), force-closed (a timeout, a
@@ -23,8 +20,6 @@ export class SessionClosing {
   readonly #tx: Transactions;
   /** `afterCommit` callbacks run at once (outside a transaction) that have not finished. */
   readonly #running = new Set<Promise<void>>();
-  /** Blocks waiting on this session that must settle at once if it is force-closed. */
-  #guards: Set<(error: unknown, closed: Promise<void>) => void> | undefined;
   /** Blocks of an ended request still running on this session. */
   #busy = 0;
 
@@ -39,31 +34,14 @@ export class SessionClosing {
     this.#stack = parts.stack;
     this.#gate = parts.gate;
     this.#tx = parts.tx;
-    parts.state.reopen = () => this.#reopen();
-    parts.state.idleCheck = () => this.#closeIfIdle();
+    parts.state.ending = this;
   }
 
   /** Run an `afterCommit` callback outside a transaction now; closing waits for it. */
   runNow(callback: SessionCallback): void {
-    const running = this.#tx.runCallbacks([callback]);
+    const running = this.#state.runCallbacks([callback]);
     this.#running.add(running);
     void running.finally(() => this.#running.delete(running));
-  }
-
-  /**
-   * The session's final COMMIT or ROLLBACK starts: from now on only work that runs
-   * inside that cleanup (the `closer` frame) may use the session.
-   */
-  markClosing(): void {
-    const state = this.#state;
-    if (state.life !== OPEN) return;
-    state.life = CLOSING;
-    // Inside the cleanup, the session is its own scope: TypeORM subscribers that run
-    // during the final COMMIT or ROLLBACK may use it, and see it as current.
-    const session = this.#session;
-    state.closer = { scope: { registry: session.registry, session, ended: false }, parent: storage.getStore() };
-    this.#host.lease?.cancel(session, () => state.closedError());
-    this.#state.wake();
   }
 
   /**
@@ -74,10 +52,7 @@ export class SessionClosing {
   closeIdle(): boolean {
     const state = this.#state;
     if (state.life !== OPEN || !this.#gate.idle || this.#stack.size > 0 || this.#running.size > 0) return false;
-    state.life = CLOSED;
-    state.closing = NOTHING_ROLLED_BACK;
-    state.abort();
-    this.#host.closed(this.#session, performance.now() - state.openedAt);
+    state.closeIdle();
     return true;
   }
 
@@ -94,8 +69,8 @@ export class SessionClosing {
   }
 
   async #closeOnce(): Promise<SessionCallback[]> {
-    this.markClosing();
     const state = this.#state;
+    state.markClosing();
     const gate = this.#gate;
     const callbacks: SessionCallback[] = [];
     let handedBack: Promise<void> | undefined;
@@ -139,40 +114,13 @@ export class SessionClosing {
     state.idleClosed = false;
     const killing = (async () => {
       if (this.#gate.inFlight.size > 0) await this.#gate.cancel();
-      await this.#tx.runCallbacks(await this.close());
+      await state.runCallbacks(await this.close());
     })();
     // The blocks settle with this reason once the session is closed, whatever the
     // abandoned body runs into meanwhile.
     const error = reason instanceof SessionTimeoutError ? reason : state.closedError();
-    for (const settleNow of this.#guards ?? []) settleNow(error, killing);
+    state.settleGuards(error, killing);
     await killing;
-  }
-
-  /**
-   * The outcome of a block's body, unless the session is force-closed first: then the
-   * block rejects with the reason once the session is closed, and the body is abandoned.
-   */
-  guard<T>(outcome: T | Promise<T>): Promise<T> {
-    if (!(outcome instanceof Promise)) return Promise.resolve(outcome);
-    return new Promise<T>((resolve, reject) => {
-      let killed = false;
-      const guard = (error: unknown, closed: Promise<void>): void => {
-        killed = true;
-        void closed.then(() => reject(error));
-      };
-      const guards = (this.#guards ??= new Set());
-      guards.add(guard);
-      outcome.then(
-        (value) => {
-          guards.delete(guard);
-          if (!killed) resolve(value);
-        },
-        (error: unknown) => {
-          guards.delete(guard);
-          if (!killed) reject(error);
-        },
-      );
-    });
   }
 
   /**
@@ -182,8 +130,8 @@ export class SessionClosing {
   closeWhenIdle(reason: RequestEnd, fresh: boolean): void {
     this.#state.requestOver = reason;
     // A session made for one late use closes after it; give that use its chance first.
-    if (fresh) setImmediate(() => this.#closeIfIdle());
-    else this.#closeIfIdle();
+    if (fresh) setImmediate(() => this.closeIfIdle());
+    else this.closeIfIdle();
   }
 
   /** A block of an ended request runs on this session: it stays open until `work` settles. */
@@ -191,13 +139,14 @@ export class SessionClosing {
     this.#busy += 1;
     const done = (): void => {
       this.#busy -= 1;
-      this.#closeIfIdle();
+      this.closeIfIdle();
     };
     work.then(done, done);
     return work;
   }
 
-  #closeIfIdle(): void {
+  /** A request's session that is over: close it if nothing of it runs now. */
+  closeIfIdle(): void {
     const state = this.#state;
     if (
       state.requestOver === undefined ||
@@ -210,7 +159,7 @@ export class SessionClosing {
       return;
     }
     state.idleClosed = true;
-    if (!this.closeIdle()) void this.close().then((callbacks) => this.#tx.runCallbacks(callbacks));
+    if (!this.closeIdle()) void this.close().then((callbacks) => state.runCallbacks(callbacks));
   }
 
   /**
@@ -220,7 +169,7 @@ export class SessionClosing {
    * `close()`, it starts afresh, and closes again as soon as that work is done. Not
    * after a timeout, a drain or a discarded connection.
    */
-  #reopen(): boolean {
+  reopen(): boolean {
     const state = this.#state;
     if (!this.#gate.reopen(true)) return false;
     if (!this.#host.reopened(this.#session)) return false;
@@ -231,7 +180,7 @@ export class SessionClosing {
     state.closer = undefined;
     state.openedAt = performance.now();
     // Nothing may keep it open now: close it again once this use is over.
-    setImmediate(() => this.#closeIfIdle());
+    setImmediate(() => this.closeIfIdle());
     return true;
   }
 }

@@ -1,9 +1,16 @@
 import { describe } from "./describe.js";
-import { isRegistry } from "./registry-brand.js";
 import type { SessionRegistry } from "./registry.js";
+
+/*
+ * The options as users write them. Their validation is in option-checks.ts, what counts as
+ * retryable in retry.ts; both are re-exported here for the modules that import them from here.
+ */
 
 // Re-exported for the modules that validate their own options.
 export { describe };
+/** @internal */
+export { resolveOpenOptions, resolveOptions, type ResolvedOptions } from "./option-checks.js";
+export { isRetryableError } from "./retry.js";
 
 /**
  * Transaction isolation levels, as TypeORM names them; the {@link SessionOptions.isolation}
@@ -167,253 +174,18 @@ export interface RetryOptions {
   retryOn?: (error: unknown) => boolean;
 }
 
-/** @internal Options after validation, defaults applied. */
-export interface ResolvedOptions {
-  readonly registry: SessionRegistry | undefined;
-  readonly transaction: boolean;
-  readonly isolation: IsolationLevel | undefined;
-  readonly propagation: Propagation;
-  readonly savepoint: boolean;
-  readonly readOnly: boolean;
-  readonly durable: boolean;
-  readonly name: string | undefined;
-  readonly timeoutMs: number | undefined;
-  readonly retry: ResolvedRetry | undefined;
-  readonly holdConnection: boolean;
-}
-
-/** @internal */
-export interface ResolvedRetry {
-  readonly retries: number;
-  readonly baseDelayMs: number;
-  readonly maxDelayMs: number;
-  readonly retryOn: (error: unknown) => boolean;
-  /** A new attempt begins: forget the verdict on the last one (see block.ts `decidedOnce`). */
-  readonly attemptBegins?: () => void;
-}
-
-const ISOLATION_LEVELS: readonly IsolationLevel[] = [
-  "READ UNCOMMITTED",
-  "READ COMMITTED",
-  "REPEATABLE READ",
-  "SERIALIZABLE",
-];
-const PROPAGATIONS: readonly Propagation[] = ["required", "requiresNew", "mandatory"];
-const KNOWN = new Set<string>([
-  "registry",
-  "transaction",
-  "isolation",
-  "propagation",
-  "savepoint",
-  "readOnly",
-  "durable",
-  "name",
-  "timeoutMs",
-  "retry",
-  "holdConnection",
-]);
-
-function expectBoolean(
-  options: SessionOptions,
-  key: "transaction" | "savepoint" | "readOnly" | "durable" | "holdConnection",
-): boolean {
-  const value: unknown = options[key];
-  if (value === undefined) return false;
-  if (typeof value !== "boolean") throw new TypeError(`Expected \`${key}\` to be a boolean, got ${describe(value)}`);
-  return value;
-}
-
-function expectOneOf<T extends string>(key: string, value: unknown, allowed: readonly T[]): T | undefined {
-  if (value === undefined) return undefined;
-  if (!allowed.includes(value as T)) {
-    throw new RangeError(
-      `Expected \`${key}\` to be one of ${allowed.map((a) => JSON.stringify(a)).join(", ")}, got ${describe(value)}`,
-    );
-  }
-  return value as T;
-}
-
 /**
  * Options of `registry.open()` and `openSession()`: those of a block that make sense
  * for a session the caller owns (it never joins another, so no `propagation`,
  * `savepoint`, `durable` or `retry`).
+ *
+ * @example
+ * ```ts
+ * const options: OpenOptions = { transaction: true, timeoutMs: 5_000, name: "import" };
+ * await using session = await openSession(options);
+ * ```
  */
 export type OpenOptions = Pick<
   SessionOptions,
   "registry" | "transaction" | "isolation" | "readOnly" | "timeoutMs" | "name" | "holdConnection"
 >;
-
-const OPEN_KNOWN = new Set<string>([
-  "registry",
-  "transaction",
-  "isolation",
-  "readOnly",
-  "timeoutMs",
-  "name",
-  "holdConnection",
-]);
-
-/** @internal Validate the options of `open()`; those of a block that do not apply are refused by name. */
-export function resolveOpenOptions(options: unknown): ResolvedOptions {
-  if (typeof options === "object" && options !== null) {
-    for (const key of Object.keys(options)) {
-      if (KNOWN.has(key) && !OPEN_KNOWN.has(key)) {
-        throw new TypeError(
-          `\`${key}\` does not apply to open(): an opened session is always a new one, on its own connection, ` +
-            `that never joins another. Use a block (withSession/withTransaction) for \`${key}\`.`,
-        );
-      }
-    }
-  }
-  return resolveOptions(options, undefined, false);
-}
-
-/**
- * @internal Validate block options. Throws `TypeError`/`RangeError` naming the
- * option and the value received.
- */
-export function resolveOptions(
-  options: unknown,
-  fallbackName: string | undefined,
-  transactional: boolean,
-): ResolvedOptions {
-  if (options === undefined || options === null) {
-    return {
-      registry: undefined,
-      transaction: transactional,
-      isolation: undefined,
-      propagation: "required",
-      savepoint: true,
-      readOnly: false,
-      durable: false,
-      name: fallbackName,
-      timeoutMs: undefined,
-      retry: undefined,
-      holdConnection: false,
-    };
-  }
-  if (typeof options !== "object")
-    throw new TypeError(`Expected session options to be an object, got ${describe(options)}`);
-  for (const key of Object.keys(options)) {
-    if (!KNOWN.has(key)) {
-      throw new TypeError(`Unknown session option \`${key}\`; expected one of ${[...KNOWN].join(", ")}`);
-    }
-  }
-  const o = options as SessionOptions;
-  if (o.registry !== undefined && !isRegistry(o.registry)) {
-    throw new TypeError(`Expected \`registry\` to be a SessionRegistry, got ${describe(o.registry)}`);
-  }
-  if (o.name !== undefined && typeof o.name !== "string") {
-    throw new TypeError(`Expected \`name\` to be a string, got ${describe(o.name)}`);
-  }
-  const isolation = expectOneOf("isolation", o.isolation, ISOLATION_LEVELS);
-  const readOnly = expectBoolean(o, "readOnly");
-  const durable = expectBoolean(o, "durable");
-  const savepoint = o.savepoint === undefined ? true : expectBoolean(o, "savepoint");
-  const transaction =
-    (o.transaction === undefined ? transactional : expectBoolean(o, "transaction") || transactional) ||
-    isolation !== undefined ||
-    readOnly ||
-    durable;
-  if (o.transaction === false && (isolation !== undefined || readOnly || durable)) {
-    throw new TypeError(
-      `\`transaction: false\` contradicts ${isolation !== undefined ? "`isolation`" : readOnly ? "`readOnly`" : "`durable`"}, which needs a transaction`,
-    );
-  }
-  const retry = resolveRetry(o.retry);
-  if (retry !== undefined && !transaction) {
-    throw new TypeError(
-      `\`retry\` re-runs a transaction, so it needs \`transaction: true\` (or withTransaction), got retry ${describe(o.retry)} without one`,
-    );
-  }
-  return {
-    registry: o.registry,
-    transaction,
-    isolation,
-    propagation: expectOneOf("propagation", o.propagation, PROPAGATIONS) ?? "required",
-    savepoint,
-    readOnly,
-    durable,
-    name: o.name ?? fallbackName,
-    timeoutMs: expectDuration("timeoutMs", o.timeoutMs),
-    retry,
-    holdConnection: expectBoolean(o, "holdConnection"),
-  };
-}
-
-function expectDuration(key: string, value: unknown): number | undefined {
-  if (value === undefined) return undefined;
-  if (typeof value !== "number" || !Number.isFinite(value) || value <= 0) {
-    throw new RangeError(`Expected \`${key}\` to be a number of milliseconds above 0, got ${describe(value)}`);
-  }
-  return value;
-}
-
-function expectCount(key: string, value: unknown): number {
-  if (typeof value !== "number" || !Number.isInteger(value) || value < 0) {
-    throw new RangeError(`Expected \`${key}\` to be a whole number from 0 up, got ${describe(value)}`);
-  }
-  return value;
-}
-
-function resolveRetry(retry: unknown): ResolvedRetry | undefined {
-  if (retry === undefined) return undefined;
-  if (typeof retry === "number") {
-    const retries = expectCount("retry", retry);
-    return retries === 0 ? undefined : { retries, baseDelayMs: 10, maxDelayMs: 1000, retryOn: isRetryableError };
-  }
-  if (typeof retry !== "object" || retry === null) {
-    throw new TypeError(
-      `Expected \`retry\` to be a number or { retries, baseDelayMs?, maxDelayMs?, retryOn? }, got ${describe(retry)}`,
-    );
-  }
-  const r = retry as RetryOptions;
-  const retries = expectCount("retry.retries", r.retries);
-  if (r.retryOn !== undefined && typeof r.retryOn !== "function") {
-    throw new TypeError(`Expected \`retry.retryOn\` to be a function, got ${describe(r.retryOn)}`);
-  }
-  const baseDelayMs = r.baseDelayMs === undefined ? 10 : expectCount("retry.baseDelayMs", r.baseDelayMs);
-  const maxDelayMs =
-    r.maxDelayMs === undefined ? Math.max(1000, baseDelayMs) : expectCount("retry.maxDelayMs", r.maxDelayMs);
-  if (retries === 0) return undefined;
-  return { retries, baseDelayMs, maxDelayMs, retryOn: r.retryOn ?? isRetryableError };
-}
-
-/**
- * Whether an error is worth a new attempt of the whole transaction: a PostgreSQL
- * serialization failure (`40001`) or deadlock (`40P01`), a MySQL/MariaDB deadlock
- * (`1213`, `ER_LOCK_DEADLOCK`) or lock wait timeout (`1205`, `ER_LOCK_WAIT_TIMEOUT`),
- * or SQLite's `SQLITE_BUSY` (another connection, often another process, holds the
- * database lock beyond the busy timeout) and `SQLITE_LOCKED` (a table lock within the
- * same database), extended codes included (`SQLITE_BUSY_SNAPSHOT`,
- * `SQLITE_LOCKED_SHAREDCACHE`...), whether the driver says so in `code` (better-sqlite3's
- * `SqliteError`, node-sqlite3) or only in its message (`SQLITE_BUSY: database is locked`).
- * Looks through TypeORM's `QueryFailedError` at the driver's error (`driverError`), and
- * through `cause`.
- *
- * @param error - anything thrown
- * @returns `true` for those errors (also when wrapped as `driverError` or `cause`), else `false`
- * @example
- * ```ts
- * await withTransaction(work, { retry: { retries: 3, retryOn: (e) => isRetryableError(e) || e instanceof MyConflict } });
- * ```
- */
-export function isRetryableError(error: unknown): boolean {
-  for (let e: unknown = error, depth = 0; typeof e === "object" && e !== null && depth < 3; depth++) {
-    const { code, errno, message } = e as { code?: unknown; errno?: unknown; message?: unknown };
-    if (code === "40001" || code === "40P01") return true;
-    // MySQL drivers (mysql2, mysql): numeric `errno`, symbolic `code`.
-    if (errno === 1213 || errno === 1205) return true;
-    if (code === "ER_LOCK_DEADLOCK" || code === "ER_LOCK_WAIT_TIMEOUT") return true;
-    // SQLite drivers: the (extended) result code's name in `code`, or at the start of the message.
-    if (typeof code === "string" && SQLITE_RETRYABLE_CODE.test(code)) return true;
-    if (typeof message === "string" && SQLITE_RETRYABLE_MESSAGE.test(message)) return true;
-    e = (e as { driverError?: unknown; cause?: unknown }).driverError ?? (e as { cause?: unknown }).cause;
-  }
-  return false;
-}
-
-/** `SQLITE_BUSY`, `SQLITE_LOCKED` and their extended codes (`SQLITE_BUSY_SNAPSHOT`...). */
-const SQLITE_RETRYABLE_CODE = /^SQLITE_(BUSY|LOCKED)(_[A-Z]+)?$/;
-/** node-sqlite3's messages: `SQLITE_BUSY: database is locked`. */
-const SQLITE_RETRYABLE_MESSAGE = /^SQLITE_(BUSY|LOCKED)(_[A-Z]+)?:/;

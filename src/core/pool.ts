@@ -54,6 +54,9 @@ interface LeakWatch {
   leaked?: boolean;
 }
 
+/** The leak watch of every session when leak detection is off. */
+const NO_WATCH: LeakWatch = Object.freeze({});
+
 /**
  * @internal The registry's book of its sessions, whichever DataSource they use: the
  * open ones with their leak timers, the counters of {@link SessionRegistry.stats}, and
@@ -74,7 +77,6 @@ export class SessionPool {
   #leaks = 0;
   #statements = 0;
   /** Statements of closed sessions already in `#statements`, for those that reopen. */
-  readonly #counted = new WeakMap<Session, number>();
   /** Open sessions, with their leak timers. */
   readonly #open = new Map<Session, LeakWatch>();
   /** Set by drain(): no new sessions. */
@@ -129,8 +131,8 @@ export class SessionPool {
     this.#closed += 1;
     const statements = session.statements;
     // A reopened request session closes again: count only what it ran since.
-    this.#statements += statements - (this.#counted.get(session) ?? 0);
-    this.#counted.set(session, statements);
+    this.#statements += statements - session._counted;
+    session._counted = statements;
     this.#events.emit(
       "close",
       session,
@@ -163,7 +165,7 @@ export class SessionPool {
       timeouts: this.#timeouts,
       leaks: this.#leaks,
       statements: [...this.#open.keys()].reduce(
-        (sum, session) => sum + session.statements - (this.#counted.get(session) ?? 0),
+        (sum, session) => sum + session.statements - session._counted,
         this.#statements,
       ),
     };
@@ -226,7 +228,7 @@ export class SessionPool {
   /** With `leakDetectionMs`: remember where the session was opened, and report it once if it stays open. */
   #leakWatch(session: Session): LeakWatch {
     const limit = this.#leakDetectionMs;
-    if (limit === undefined) return {};
+    if (limit === undefined) return NO_WATCH;
     const traceLimit = Error.stackTraceLimit;
     Error.stackTraceLimit = 30; // past this library's own frames, to the application's
     const stack = new Error(`${String(session)} opened here`).stack;

@@ -39,6 +39,13 @@ export interface SessionHost {
 
 let lastId = 0;
 
+/** The parts of a session that do I/O. */
+interface Parts {
+  readonly gate: ConnectionGate;
+  readonly tx: Transactions;
+  readonly closing: SessionClosing;
+}
+
 /**
  * @internal On a callback: what to call instead when the callback is dropped without
  * running (the `afterRollback` callbacks of a failed attempt that `retry` re-runs).
@@ -67,6 +74,8 @@ export class Session {
   readonly id: number;
   /** @internal The session of useTransactionalTests(). */
   _test = false;
+  /** @internal Statements the registry has counted already (a request session may close, reopen and close again). */
+  _counted = 0;
   /** The block's label (its `name` option or method name), if any. */
   readonly name: string | undefined;
   /** The registry that created this session. */
@@ -75,9 +84,8 @@ export class Session {
   readonly #host: SessionHost;
   readonly #state: SessionState;
   readonly #stack: LevelStack;
-  readonly #gate: ConnectionGate;
-  readonly #tx: Transactions;
-  readonly #closing: SessionClosing;
+  /** The parts that do I/O, made on first use: a block that never touches the database needs none. */
+  #parts: Parts | undefined;
   /** Set on a session from `open()`, which its caller closes: stops its timeout. */
   #callerOwned: (() => void) | undefined;
 
@@ -87,13 +95,21 @@ export class Session {
     this.name = name;
     this.registry = registry;
     this.#host = host;
-    const stack = (this.#stack = new LevelStack());
-    const state = (this.#state = new SessionState(this, stack));
-    const gate = (this.#gate = new ConnectionGate(this, host, state, stack));
-    const tx = (this.#tx = new Transactions(this, host, state, stack, gate));
+    this.#stack = new LevelStack();
+    this.#state = new SessionState(this, host, this.#stack);
+  }
+
+  /** The session's connection gate, transactions and closing (made once). */
+  #use(): Parts {
+    if (this.#parts !== undefined) return this.#parts;
+    const host = this.#host;
+    const state = this.#state;
+    const stack = this.#stack;
+    const gate = new ConnectionGate(this, host, state, stack);
+    const tx = new Transactions(this, host, state, stack, gate);
     const parts = { state, stack, gate, tx };
     gate.viewTarget = new ViewCalls(this, host, parts);
-    this.#closing = new SessionClosing(this, host, parts);
+    return (this.#parts = { gate, tx, closing: new SessionClosing(this, host, parts) });
   }
 
   /** @internal */
@@ -111,8 +127,9 @@ export class Session {
    * (and through repositories obtained from it) runs on this session.
    */
   get manager(): EntityManager {
-    if (this.#gate.manager === undefined) this.#gate.open();
-    return this.#gate.manager!;
+    const { gate } = this.#use();
+    if (gate.manager === undefined) gate.open();
+    return gate.manager!;
   }
 
   /**
@@ -121,8 +138,9 @@ export class Session {
    * its `release()` does nothing, because the session's block releases it.
    */
   get queryRunner(): QueryRunner {
-    if (this.#gate.view === undefined) this.#gate.open();
-    return this.#gate.view!.runner;
+    const { gate } = this.#use();
+    if (gate.view === undefined) gate.open();
+    return gate.view!.runner;
   }
 
   /**
@@ -152,10 +170,10 @@ export class Session {
   // eslint-disable-next-line @typescript-eslint/no-explicit-any -- the public API: like TypeORM's own query(), untyped unless the caller says
   query<T = any>(sql: string, parameters?: unknown[]): Promise<T> {
     // A `query` assigned on `s.queryRunner` (a spy, an APM wrapper) sees these too.
-    const view = this.#gate.view;
-    const assigned = view?.assigned("query");
-    if (assigned !== undefined) return Promise.resolve(assigned.call(view!.runner, sql, parameters) as T);
-    return this.#gate.statement(sql, parameters, false) as Promise<T>;
+    const { gate } = this.#use();
+    const assigned = gate.view?.assigned("query");
+    if (assigned !== undefined) return Promise.resolve(assigned.call(gate.view!.runner, sql, parameters) as T);
+    return gate.statement(sql, parameters, false) as Promise<T>;
   }
 
   /**
@@ -163,7 +181,7 @@ export class Session {
    * ROLLBACK and SAVEPOINT statements of its transactions are not counted).
    */
   get statements(): number {
-    return this.#gate.statements;
+    return this.#parts?.gate.statements ?? 0;
   }
 
   /** Whether a transaction is open on this session. */
@@ -214,16 +232,16 @@ export class Session {
    * @throws {@link TransactionNotActiveError} (as a rejection) when no transaction is open
    */
   async commit(): Promise<void> {
-    const tx = this.#tx;
+    const { tx } = this.#use();
     const handle = tx.ownTop("commit");
     try {
       await tx.beforeCommit(handle);
     } catch (error) {
-      await tx.runCallbacks((await tx.exit(handle, false)).callbacks);
+      await this.#state.runCallbacks((await tx.exit(handle, false)).callbacks);
       throw error;
     }
     const outcome = await tx.exit(handle, true);
-    await tx.runCallbacks(outcome.callbacks);
+    await this.#state.runCallbacks(outcome.callbacks);
     if ("error" in outcome) throw outcome.error;
   }
 
@@ -234,9 +252,9 @@ export class Session {
    * @throws {@link TransactionNotActiveError} (as a rejection) when no transaction is open
    */
   async rollback(): Promise<void> {
-    const tx = this.#tx;
+    const { tx } = this.#use();
     const outcome = await tx.exit(tx.ownTop("rollback"), false);
-    await tx.runCallbacks(outcome.callbacks);
+    await this.#state.runCallbacks(outcome.callbacks);
   }
 
   /**
@@ -261,7 +279,7 @@ export class Session {
     const level = this.#stack.levelOf(frame);
     if (level === undefined || level.invisible) {
       if (level?.runAfterCommit === false) return;
-      this.#closing.runNow(callback);
+      this.#use().closing.runNow(callback);
       return;
     }
     (level.afterCommit ??= []).push(callback);
@@ -370,7 +388,7 @@ export class Session {
       );
     }
     stop();
-    await this.#tx.runCallbacks(await this.#closing.close());
+    await this.#state.runCallbacks(await this.#use().closing.close());
   }
 
   /**
@@ -409,22 +427,22 @@ export class Session {
 
   /** @internal Whether the session is still waiting for its connection (the pool, or SQLite's lease). */
   _waitingForConnection(): boolean {
-    return this.#gate.waitingForConnection;
+    return this.#parts?.gate.waitingForConnection ?? false;
   }
 
   /** @internal Open a transaction level for a block running in `frame`, or join the open one. */
   _enter(frame: Frame | undefined, spec: LevelSpec): Promise<LevelHandle> {
-    return this.#tx.enter(frame, spec);
+    return this.#use().tx.enter(frame, spec);
   }
 
   /** @internal End what {@link _enter} opened. Never rejects: failures come back as `error`. */
   _exit(handle: LevelHandle, commit: boolean): Promise<LevelOutcome> {
-    return this.#tx.exit(handle, commit);
+    return this.#use().tx.exit(handle, commit);
   }
 
   /** @internal A block's body has resolved: run the `beforeCommit` callbacks of its outermost COMMIT. */
   _beforeCommit(handle: LevelHandle): Promise<void> {
-    return this.#tx.beforeCommit(handle);
+    return this.#use().tx.beforeCommit(handle);
   }
 
   /** @internal A block that joined with `savepoint: false` failed: the joined level must not commit. */
@@ -435,7 +453,7 @@ export class Session {
 
   /** @internal Run callbacks in order, reporting failures through `error`. */
   _runCallbacks(callbacks: readonly SessionCallback[]): Promise<void> {
-    return this.#tx.runCallbacks(callbacks);
+    return this.#state.runCallbacks(callbacks);
   }
 
   /** @internal This session comes from `open()`: its caller closes it; `stop` ends its timeout. */
@@ -445,42 +463,46 @@ export class Session {
 
   /** @internal `holdConnection`: keep the pooled connection, once taken, until the session closes. */
   _holdConnection(): void {
-    this.#gate.pinned = true;
+    this.#use().gate.pinned = true;
   }
 
   /** @internal The final COMMIT or ROLLBACK starts: only its own work may use the session now. */
   _markClosing(): void {
-    this.#closing.markClosing();
+    this.#state.markClosing();
   }
 
   /** @internal Close at once a session that never took its connection; false when there is more to do. */
   _closeIdle(): boolean {
-    return this.#closing.closeIdle();
+    const parts = this.#parts;
+    if (parts !== undefined) return parts.closing.closeIdle();
+    if (!this.#state.isOpen || this.#state.waiting > 0) return false;
+    this.#state.closeIdle();
+    return true;
   }
 
   /** @internal Close; resolves to the `afterRollback` callbacks of what was rolled back (first caller only). */
   _close(): Promise<SessionCallback[]> {
-    return this.#closing.close();
+    return this.#use().closing.close();
   }
 
   /** @internal Force the session closed now (a timeout, a drain). */
   _kill(reason: Error): Promise<void> {
-    return this.#closing.kill(reason);
+    return this.#use().closing.kill(reason);
   }
 
   /** @internal The outcome of a block's body, unless the session is force-closed first. */
   _guard<T>(outcome: T | Promise<T>): Promise<T> {
-    return this.#closing.guard(outcome);
+    return this.#state.guard(outcome);
   }
 
   /** @internal The session's request is over: close it as soon as nothing of it runs. */
   _closeWhenIdle(reason: RequestEnd, fresh: boolean): void {
-    this.#closing.closeWhenIdle(reason, fresh);
+    this.#use().closing.closeWhenIdle(reason, fresh);
   }
 
   /** @internal A block of an ended request runs on this session: it stays open until `work` settles. */
   _busyWith<T>(work: Promise<T>): Promise<T> {
-    return this.#closing.busyWith(work);
+    return this.#use().closing.busyWith(work);
   }
 }
 

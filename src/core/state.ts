@@ -1,7 +1,15 @@
 import { SessionClosedError } from "../errors.js";
 import type { LevelStack, SessionCallback } from "./levels.js";
 import { type Frame, isWithin, type RequestEnd, storage } from "./scope.js";
-import type { Session } from "./session.js";
+import type { Session, SessionHost } from "./session.js";
+
+const NOTHING_ROLLED_BACK: Promise<SessionCallback[]> = Promise.resolve([]);
+
+/** What the state asks of a session's closing part, once it has one. */
+interface Ending {
+  reopen(): boolean;
+  closeIfIdle(): void;
+}
 
 /**
  * Where a session is in its life, and so who may use it.
@@ -30,6 +38,7 @@ type Life = typeof OPEN | typeof CLOSING | typeof CLOSED;
  */
 export class SessionState {
   readonly session: Session;
+  readonly #host: SessionHost;
   readonly #stack: LevelStack;
   life: Life = OPEN;
   openedAt = performance.now();
@@ -45,17 +54,23 @@ export class SessionState {
   idleClosed = false;
   #abort: AbortController | undefined;
   /** Work waiting for its turn: until no level owned by another block is open. */
-  #waiters: { frame: Frame | undefined; grant: () => void }[] = [];
+  #waiters: { frame: Frame | undefined; grant: () => void }[] | undefined;
+  /** Blocks waiting on this session that must settle at once if it is force-closed. */
+  #guards: Set<(error: unknown, closed: Promise<void>) => void> | undefined;
   /** The closing under way or done; resolves to the `afterRollback` callbacks of what it rolled back. */
   closing: Promise<SessionCallback[]> | undefined;
-  /** Reopen an idle-closed request session (set by its closing part). */
-  reopen: () => boolean = () => false;
-  /** A request's session that is over checks whether it is idle now (set by its closing part). */
-  idleCheck: () => void = () => undefined;
+  /** The session's closing part, once it has one: reopens and closes a request's session. */
+  ending: Ending | undefined;
 
-  constructor(session: Session, stack: LevelStack) {
+  constructor(session: Session, host: SessionHost, stack: LevelStack) {
     this.session = session;
+    this.#host = host;
     this.#stack = stack;
+  }
+
+  /** A request's session that is over: close it if nothing of it runs now. */
+  idleCheck(): void {
+    this.ending?.closeIfIdle();
   }
 
   /** Whether the session is open (not closing or closed). */
@@ -72,7 +87,7 @@ export class SessionState {
   usableFrom(frame: Frame | undefined): boolean {
     if (this.broken !== undefined) return false;
     if (this.life === OPEN) return true;
-    if (this.life === CLOSED && this.idleClosed) return this.reopen();
+    if (this.life === CLOSED && this.idleClosed) return this.ending?.reopen() ?? false;
     return this.#inCloser(frame);
   }
 
@@ -95,28 +110,28 @@ export class SessionState {
 
   /** How many are waiting for their turn. */
   get waiting(): number {
-    return this.#waiters.length;
+    return this.#waiters?.length ?? 0;
   }
 
   /** Wait until {@link wake} lets work from `frame` run (or the session closes). */
   turn(frame: Frame | undefined): Promise<void> {
-    return new Promise<void>((grant) => this.#waiters.push({ frame, grant }));
+    return new Promise<void>((grant) => this.wait(frame, grant));
   }
 
   /** Call `grant` once work from `frame` may run (or the session closes). */
   wait(frame: Frame | undefined, grant: () => void): void {
-    this.#waiters.push({ frame, grant });
+    (this.#waiters ??= []).push({ frame, grant });
   }
 
   /** Wake waiters that may run now, in order; a granted level changes who may run next. */
   wake(): void {
     if (this.requestOver !== undefined) this.idleCheck();
-    if (this.#waiters.length === 0) return;
     const waiting = this.#waiters;
-    this.#waiters = [];
+    if (waiting === undefined || waiting.length === 0) return;
+    const still: typeof waiting = (this.#waiters = []);
     for (const waiter of waiting) {
       if (this.life !== OPEN || this.mayRun(waiter.frame)) waiter.grant();
-      else this.#waiters.push(waiter);
+      else still.push(waiter);
     }
   }
 
@@ -147,5 +162,72 @@ export class SessionState {
   /** Abort {@link signal}, if anyone asked for it. */
   abort(): void {
     this.#abort?.abort(this.closedError());
+  }
+
+  /**
+   * The session's final COMMIT or ROLLBACK starts: from now on only work that runs
+   * inside that cleanup (the `closer` frame) may use the session.
+   */
+  markClosing(): void {
+    if (this.life !== OPEN) return;
+    this.life = CLOSING;
+    // Inside the cleanup, the session is its own scope: TypeORM subscribers that run
+    // during the final COMMIT or ROLLBACK may use it, and see it as current.
+    const session = this.session;
+    this.closer = { scope: { registry: session.registry, session, ended: false }, parent: storage.getStore() };
+    this.#host.lease?.cancel(session, () => this.closedError());
+    this.wake();
+  }
+
+  /** Close now a session that has nothing open, under way or waiting: the cheap, common close. */
+  closeIdle(): void {
+    this.life = CLOSED;
+    this.closing = NOTHING_ROLLED_BACK;
+    this.abort();
+    this.#host.closed(this.session, performance.now() - this.openedAt);
+  }
+
+  /**
+   * The outcome of a block's body, unless the session is force-closed first: then the
+   * block rejects with the reason once the session is closed, and the body is abandoned.
+   */
+  guard<T>(outcome: T | Promise<T>): Promise<T> {
+    if (!(outcome instanceof Promise)) return Promise.resolve(outcome);
+    return new Promise<T>((resolve, reject) => {
+      let killed = false;
+      const guard = (error: unknown, closed: Promise<void>): void => {
+        killed = true;
+        void closed.then(() => reject(error));
+      };
+      const guards = (this.#guards ??= new Set());
+      guards.add(guard);
+      outcome.then(
+        (value) => {
+          guards.delete(guard);
+          if (!killed) resolve(value);
+        },
+        (error: unknown) => {
+          guards.delete(guard);
+          if (!killed) reject(error);
+        },
+      );
+    });
+  }
+
+  /** Force-closed: the guarded blocks reject with `error` once `closed` settles. */
+  settleGuards(error: unknown, closed: Promise<void>): void {
+    for (const settleNow of this.#guards ?? []) settleNow(error, closed);
+  }
+
+  /** Run callbacks in order, reporting failures through the registry's `error` event. */
+  async runCallbacks(callbacks: readonly SessionCallback[]): Promise<void> {
+    if (callbacks.length === 0) return;
+    for (const callback of callbacks) {
+      try {
+        await callback();
+      } catch (error) {
+        this.#host.reportError(this.session, error);
+      }
+    }
   }
 }

@@ -271,18 +271,6 @@ export class Transactions {
     state.abort();
     this.#state.wake();
   }
-
-  /** Run callbacks in order, reporting failures through the registry's `error` event. */
-  async runCallbacks(callbacks: readonly SessionCallback[]): Promise<void> {
-    if (callbacks.length === 0) return;
-    for (const callback of callbacks) {
-      try {
-        await callback();
-      } catch (error) {
-        this.#host.reportError(this.session, error);
-      }
-    }
-  }
 }
 
 /** How long `level` has been open, in milliseconds. */

@@ -89,7 +89,7 @@ export class ViewCalls implements ViewTarget {
     }
     this.#viewLevels.pop();
     const outcome = await this.#tx.exit({ level, joined: false } satisfies Handle, commit);
-    await this.#tx.runCallbacks(outcome.callbacks);
+    await this.#state.runCallbacks(outcome.callbacks);
     if ("error" in outcome) throw outcome.error;
   }
 }

@@ -1,5 +1,5 @@
 import { expect } from "chai";
-import { Lease } from "../src/core/lease.js";
+import { Lease } from "../src/core/driver/lease.js";
 
 /** Settle pending promise reactions. */
 const tick = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));

@@ -9,8 +9,8 @@ import {
   SessionTimeoutError,
   type SessionRegistry,
 } from "../src/index.js";
-import { discardConnection } from "../src/core/driver.js";
-import { parseUrl } from "../src/core/registry-options.js";
+import { discardConnection } from "../src/core/driver/driver.js";
+import { parseUrl } from "../src/core/registry/registry-options.js";
 import { connectionsInUse } from "./support/backends.js";
 import { Account, Note } from "./support/entities.js";
 import { freshMariaDatabase, type MariaDbServer, startMariaDb } from "./support/mariadb-hooks.js";

@@ -1,6 +1,6 @@
 import { expect } from "chai";
 import { RegistryClosedError, type Session, SessionClosedError, type SessionRegistry } from "../src/index.js";
-import { requestScope } from "../src/core/block.js";
+import { requestScope } from "../src/core/block/open.js";
 import type { RequestEnd } from "../src/core/scope.js";
 import { Note } from "./support/entities.js";
 import { type Backend, connectionsInUse, forEachBackend, type TestDb } from "./support/backends.js";

@@ -449,7 +449,7 @@ forEachBackend("TypeORM paths on the session", (backend: Backend) => {
   });
 
   // These describe what the session's runner view must do; they fail until the runner
-  // view (src/core/session.ts) handles them.
+  // view (src/core/session/runner-view.ts) handles them.
   describe("runner view (lead's fix)", () => {
     const tmp = (name: string) => new Table({ name, columns: [{ name: "id", type: "integer", isPrimary: true }] });
 

@@ -4,26 +4,37 @@
  *
  * @module typeorm-scoped-session
  */
-export { configureSessions, createSessionRegistry, defaultRegistry, SessionRegistry } from "./core/registry.js";
-export { parseUrl } from "./core/registry-options.js";
+export {
+  configureSessions,
+  createSessionRegistry,
+  defaultRegistry,
+  SessionRegistry,
+} from "./core/registry/registry.js";
+export { parseUrl } from "./core/registry/registry-options.js";
 export type {
   CommonRegistryOptions,
   DataSourceInput,
   DataSourceRegistryOptions,
   SessionRegistryOptions,
   UrlRegistryOptions,
-} from "./core/registry-options.js";
-export type { SessionEvent, SessionEventName, SessionListener } from "./core/events.js";
-export type { DrainOptions, DrainResult, SessionStats } from "./core/pool.js";
-export { currentSession, openSession, tryCurrentSession, withSession, withTransaction } from "./core/functions.js";
-export type { SessionBody } from "./core/block.js";
-export { isRetryableError } from "./core/options.js";
-export type { IsolationLevel, OpenOptions, Propagation, RetryOptions, SessionOptions } from "./core/options.js";
-export { Session } from "./core/session.js";
+} from "./core/registry/registry-options.js";
+export type { SessionEvent, SessionEventName, SessionListener } from "./core/registry/events.js";
+export type { DrainOptions, DrainResult, SessionStats } from "./core/registry/pool.js";
+export {
+  currentSession,
+  openSession,
+  tryCurrentSession,
+  withSession,
+  withTransaction,
+} from "./core/block/functions.js";
+export type { SessionBody } from "./core/block/block.js";
+export { isRetryableError } from "./core/block/retry.js";
+export type { IsolationLevel, OpenOptions, Propagation, RetryOptions, SessionOptions } from "./core/block/options.js";
+export { Session } from "./core/session/session.js";
 export { Transactional, UsesSession } from "./decorators/uses-session.js";
 export type { SessionDecorator } from "./decorators/uses-session.js";
 export { InjectSession } from "./decorators/inject-session.js";
-export type { SessionCallback } from "./core/session.js";
+export type { SessionCallback } from "./core/session/session.js";
 export {
   NoActiveSessionError,
   PropagationError,

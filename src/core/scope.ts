@@ -1,6 +1,6 @@
 import { AsyncLocalStorage } from "node:async_hooks";
-import type { Session } from "./session.js";
-import type { SessionRegistry } from "./registry.js";
+import type { Session } from "./session/session.js";
+import type { SessionRegistry } from "./registry/registry.js";
 
 /**
  * The unit of scoping: what `registry.current()` returns for one web request,
@@ -13,7 +13,7 @@ export interface Scope {
   /** Set once the block that opened the scope has settled, or a request scope's request is over. */
   ended: boolean;
   /**
-   * Only on the scope of a web request (`requestScope()` of block.ts): why the request is over,
+   * Only on the scope of a web request (`requestScope()` of block/open.ts): why the request is over,
    * once it is. From then on the scope's session closes whenever nothing of it runs, and
    * the next use of the scope gets a new session that does the same.
    */

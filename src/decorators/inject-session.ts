@@ -1,4 +1,4 @@
-import { describe } from "../core/options.js";
+import { describe } from "../core/describe.js";
 
 /** Parameter positions marked with `@InjectSession()`, per class (or prototype) and method. */
 const injected = new WeakMap<object, Map<string | symbol, number>>();

@@ -1,7 +1,9 @@
-import { execute } from "../core/block.js";
-import { describe, resolveOptions, type ResolvedOptions, type SessionOptions } from "../core/options.js";
-import { defaultRegistry } from "../core/registry.js";
-import type { Session } from "../core/session.js";
+import { execute } from "../core/block/block.js";
+import { type SessionOptions } from "../core/block/options.js";
+import { describe } from "../core/describe.js";
+import { resolveOptions, type ResolvedOptions } from "../core/block/option-checks.js";
+import { defaultRegistry } from "../core/registry/registry.js";
+import type { Session } from "../core/session/session.js";
 import { injectedIndex } from "./inject-session.js";
 
 // Decorators receive arbitrary method and constructor signatures: the public overloads below

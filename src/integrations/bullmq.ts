@@ -10,9 +10,10 @@
 import type { Job, JobsOptions, Queue } from "bullmq";
 import { defaultRegistry, SessionRegistry } from "../index.js";
 import type { Session, SessionOptions } from "../index.js";
-import { describe, resolveOptions } from "../core/options.js";
+import { describe } from "../core/describe.js";
+import { resolveOptions } from "../core/block/option-checks.js";
 import { storage } from "../core/scope.js";
-import { DROPPED } from "../core/session.js";
+import { DROPPED } from "../core/session/session.js";
 
 /** The body of a {@link sessionProcessor}: receives the job's session and the job. */
 export type SessionProcessorBody<T, R, N extends string> = (session: Session, job: Job<T, R, N>) => R | Promise<R>;

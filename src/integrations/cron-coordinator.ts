@@ -7,7 +7,7 @@
 import type { RunCoordinator } from "node-cron";
 import { RegistryClosedError } from "../index.js";
 import type { Session, SessionRegistry } from "../index.js";
-import { describe } from "../core/options.js";
+import { describe } from "../core/describe.js";
 import { createLeaseTable, type LeaseSql, leaseStatement } from "./cron-leases.js";
 import { type DatabaseRunCoordinatorOptions, resolveCoordinatorOptions } from "./cron-options.js";
 

@@ -6,7 +6,7 @@
  */
 import { isRetryableError, RegistryNotConfiguredError } from "../index.js";
 import type { Session, SessionRegistry } from "../index.js";
-import { familyOf } from "../core/driver.js";
+import { familyOf } from "../core/driver/driver.js";
 import { noRegistryGiven } from "./cron-options.js";
 
 /** Attempts of one statement that failed with a retryable error (SQLITE_BUSY from another process). */

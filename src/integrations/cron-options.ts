@@ -4,7 +4,7 @@
  * @module
  */
 import { defaultRegistry, RegistryNotConfiguredError, SessionRegistry } from "../index.js";
-import { describe } from "../core/options.js";
+import { describe } from "../core/describe.js";
 
 /** Options of {@link DatabaseRunCoordinator}. */
 export interface DatabaseRunCoordinatorOptions {

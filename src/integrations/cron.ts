@@ -10,7 +10,8 @@
 import type { TaskContext } from "node-cron";
 import { defaultRegistry } from "../index.js";
 import type { Session, SessionOptions } from "../index.js";
-import { describe, resolveOptions } from "../core/options.js";
+import { describe } from "../core/describe.js";
+import { resolveOptions } from "../core/block/option-checks.js";
 import { findScope, storage } from "../core/scope.js";
 import { tickBegins } from "./cron-coordinator.js";
 import { noRegistryGiven } from "./cron-options.js";

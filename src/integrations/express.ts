@@ -4,7 +4,7 @@
  * @module typeorm-scoped-session/express
  */
 import type { IncomingMessage, ServerResponse } from "node:http";
-import type { SessionRegistry } from "../core/registry.js";
+import type { SessionRegistry } from "../core/registry/registry.js";
 import { enterRequestScope, registryOption } from "./http.js";
 
 /** Options of {@link sessionMiddleware}. */

@@ -4,7 +4,7 @@
  * @module typeorm-scoped-session/fastify
  */
 import type { FastifyInstance, FastifyPluginAsync } from "fastify";
-import type { SessionRegistry } from "../core/registry.js";
+import type { SessionRegistry } from "../core/registry/registry.js";
 import { registryOption } from "./http.js";
 import { enterRequestScope } from "./http.js";
 

@@ -1,8 +1,8 @@
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Socket } from "node:net";
-import { requestScope } from "../core/block.js";
-import { describe } from "../core/options.js";
-import { defaultRegistry, SessionRegistry } from "../core/registry.js";
+import { requestScope } from "../core/block/open.js";
+import { describe } from "../core/describe.js";
+import { defaultRegistry, SessionRegistry } from "../core/registry/registry.js";
 import type { RequestEnd } from "../core/scope.js";
 
 // What the web integrations share: their options, and when a request is over.

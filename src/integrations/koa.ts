@@ -4,8 +4,8 @@
  * @module typeorm-scoped-session/koa
  */
 import type { IncomingMessage, ServerResponse } from "node:http";
-import type { SessionRegistry } from "../core/registry.js";
-import { requestScope } from "../core/block.js";
+import type { SessionRegistry } from "../core/registry/registry.js";
+import { requestScope } from "../core/block/open.js";
 import { onResponseEnd, registryOption } from "./http.js";
 
 /** Options of {@link koaSession}. */

@@ -13,4 +13,4 @@ export type {
   SessionModuleRegistryOptions,
 } from "./nestjs/module.js";
 export { getSessionRepositoryToken, InjectSessionRepository } from "./nestjs/repository.js";
-export { SessionRegistry } from "../core/registry.js";
+export { SessionRegistry } from "../core/registry/registry.js";

@@ -3,10 +3,10 @@
  *
  * @module typeorm-scoped-session/testing
  */
-import { describe as describeValue } from "../core/options.js";
-import { defaultRegistry, SessionRegistry } from "../core/registry.js";
-import { beginTestTransaction, endTestTransaction } from "../core/test-seam.js";
-import type { Session } from "../core/session.js";
+import { describe as describeValue } from "../core/describe.js";
+import { defaultRegistry, SessionRegistry } from "../core/registry/registry.js";
+import { beginTestTransaction, endTestTransaction } from "../core/registry/test-seam.js";
+import type { Session } from "../core/session/session.js";
 
 /** Options of {@link useTransactionalTests}. */
 export interface TransactionalTestsOptions {

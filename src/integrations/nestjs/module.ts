@@ -12,10 +12,10 @@ import {
   type OnModuleInit,
 } from "@nestjs/common";
 import type { EntityTarget, ObjectLiteral } from "typeorm";
-import { describe } from "../../core/options.js";
-import type { DrainOptions } from "../../core/pool.js";
-import { defaultRegistry, SessionRegistry } from "../../core/registry.js";
-import type { SessionRegistryOptions } from "../../core/registry-options.js";
+import { describe } from "../../core/describe.js";
+import type { DrainOptions } from "../../core/registry/pool.js";
+import { defaultRegistry, SessionRegistry } from "../../core/registry/registry.js";
+import type { SessionRegistryOptions } from "../../core/registry/registry-options.js";
 import { enterRequestScope } from "../http.js";
 import { watchOutsideTransaction } from "./outside-transaction.js";
 import { getSessionRepositoryToken } from "./repository.js";

@@ -1,6 +1,6 @@
 import type { DataSource, EntitySubscriberInterface, QueryRunner } from "typeorm";
-import type { SessionRegistry } from "../../core/registry.js";
-import { OWNER, type Session } from "../../core/session.js";
+import type { SessionRegistry } from "../../core/registry/registry.js";
+import { OWNER, type Session } from "../../core/session/session.js";
 
 /** The warning's code, for `process.on("warning")` filters. */
 export const OUTSIDE_TRANSACTION = "TSS_OUTSIDE_TRANSACTION";

@@ -1,9 +1,10 @@
 import type { DataSource, EntityManager, QueryRunner } from "typeorm";
-import { joinSession } from "./block.js";
-import type { IsolationLevel } from "./options.js";
-import { describe, resolveOptions } from "./options.js";
-import { scopeOf, storage } from "./scope.js";
-import { OWNER, type Session } from "./session.js";
+import { joinSession } from "../block/block.js";
+import type { IsolationLevel } from "../block/options.js";
+import { describe } from "../describe.js";
+import { resolveOptions } from "../block/option-checks.js";
+import { scopeOf, storage } from "../scope.js";
+import { OWNER, type Session } from "../session/session.js";
 
 // A session's EntityManager: the subclass of the DataSource's own EntityManager class
 // that keeps every call on the session.

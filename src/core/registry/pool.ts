@@ -1,8 +1,8 @@
 import type { DataSource } from "typeorm";
-import { RegistryClosedError } from "../errors.js";
-import { describe } from "./describe.js";
+import { RegistryClosedError } from "../../errors.js";
+import { describe } from "../describe.js";
 import type { SessionEvents } from "./events.js";
-import type { Session } from "./session.js";
+import type { Session } from "../session/session.js";
 
 /** Counters of a registry, from {@link SessionRegistry.stats}. */
 export interface SessionStats {

@@ -1,6 +1,6 @@
 import type { QueryRunner } from "typeorm";
 import type { ConnectionGate } from "./gate.js";
-import type { IsolationLevel } from "./options.js";
+import type { IsolationLevel } from "../block/options.js";
 import type { TransactionMethod } from "./runner-view.js";
 import type { Session, SessionHost } from "./session.js";
 

@@ -1,5 +1,5 @@
 import type { QueryRunner } from "typeorm";
-import type { IsolationLevel } from "./options.js";
+import type { IsolationLevel } from "../block/options.js";
 import type { Session } from "./session.js";
 
 /** On a session's runner view and EntityManager: the session they belong to. */

@@ -1,8 +1,8 @@
-import { PropagationError, TransactionNotActiveError } from "../errors.js";
+import { PropagationError, TransactionNotActiveError } from "../../errors.js";
 import { TransactionSql } from "./control.js";
 import type { ConnectionGate } from "./gate.js";
 import type { Handle, Level, LevelHandle, LevelOutcome, LevelSpec, LevelStack, SessionCallback } from "./levels.js";
-import { type Frame, storage } from "./scope.js";
+import { type Frame, storage } from "../scope.js";
 import type { Session, SessionHost } from "./session.js";
 import type { SessionState } from "./state.js";
 

@@ -1,11 +1,11 @@
 import type { DataSource, EntityManager, QueryRunner } from "typeorm";
-import { applyDefaultBusyTimeout, type DriverFamily, familyOf, isSingleConnection } from "./driver.js";
+import { applyDefaultBusyTimeout, type DriverFamily, familyOf, isSingleConnection } from "../driver/driver.js";
 import type { SessionEvents } from "./events.js";
-import { Lease } from "./lease.js";
+import { Lease } from "../driver/lease.js";
 import { sessionManager } from "./manager.js";
 import type { SessionPool } from "./pool.js";
 import type { SessionRegistry } from "./registry.js";
-import { Session, type SessionHost } from "./session.js";
+import { Session, type SessionHost } from "../session/session.js";
 
 /** @internal What blocks need of a registry besides what sessions need. */
 export interface RegistryHost extends SessionHost {

@@ -1,8 +1,8 @@
 import { EntityManager, Repository } from "typeorm";
 import type { DataSource, EntityTarget, ObjectLiteral } from "typeorm";
 import type { SessionRegistry } from "./registry.js";
-import { findScope, storage } from "./scope.js";
-import type { Session } from "./session.js";
+import { findScope, storage } from "../scope.js";
+import type { Session } from "../session/session.js";
 
 // The scoped proxies: `registry.manager` and `registry.getRepository(E)`, stand-ins that
 // resolve, call by call, to the current scope's session. Frameworks and runtimes probe the

@@ -1,9 +1,9 @@
 import type { DataSource, EntityManager, EntityTarget, ObjectLiteral, QueryRunner, Repository } from "typeorm";
-import { PropagationError, type SessionClosedError, TransactionNotActiveError } from "../errors.js";
+import { PropagationError, type SessionClosedError, TransactionNotActiveError } from "../../errors.js";
 import { SessionClosing } from "./closing.js";
-import type { DriverFamily } from "./driver.js";
+import type { DriverFamily } from "../driver/driver.js";
 import { ConnectionGate } from "./gate.js";
-import type { Lease } from "./lease.js";
+import type { Lease } from "../driver/lease.js";
 import {
   type Handle,
   type LevelHandle,
@@ -12,9 +12,9 @@ import {
   LevelStack,
   type SessionCallback,
 } from "./levels.js";
-import type { IsolationLevel } from "./options.js";
-import type { SessionRegistry } from "./registry.js";
-import { type Frame, type RequestEnd, scopeOf, storage } from "./scope.js";
+import type { IsolationLevel } from "../block/options.js";
+import type { SessionRegistry } from "../registry/registry.js";
+import { type Frame, type RequestEnd, scopeOf, storage } from "../scope.js";
 import { SessionState } from "./state.js";
 import { Transactions } from "./transactions.js";
 import { ViewCalls } from "./view-calls.js";

@@ -1,16 +1,9 @@
-import { describe } from "./describe.js";
-import type { SessionRegistry } from "./registry.js";
+import type { SessionRegistry } from "../registry/registry.js";
 
 /*
  * The options as users write them. Their validation is in option-checks.ts, what counts as
- * retryable in retry.ts; both are re-exported here for the modules that import them from here.
+ * retryable in retry.ts.
  */
-
-// Re-exported for the modules that validate their own options.
-export { describe };
-/** @internal */
-export { resolveOpenOptions, resolveOptions, type ResolvedOptions } from "./option-checks.js";
-export { isRetryableError } from "./retry.js";
 
 /**
  * Transaction isolation levels, as TypeORM names them; the {@link SessionOptions.isolation}

@@ -1,8 +1,9 @@
 import type { SessionBody } from "./block.js";
-import { openExplicit, runBlock } from "./block.js";
+import { runBlock } from "./block.js";
+import { openExplicit } from "./open.js";
 import type { OpenOptions, SessionOptions } from "./options.js";
-import { defaultRegistry, type SessionRegistry } from "./registry.js";
-import type { Session } from "./session.js";
+import { defaultRegistry, type SessionRegistry } from "../registry/registry.js";
+import type { Session } from "../session/session.js";
 
 /**
  * Run `fn` with a session: the scope's own when called inside one (propagation

@@ -1,7 +1,7 @@
 /**
  * The registries this copy of the library made: option validation asks here rather than
- * `instanceof SessionRegistry`, so that options.ts does not import registry.ts (which
- * imports options.ts through block.ts).
+ * `instanceof SessionRegistry`, so that option-checks.ts does not import registry.ts (which
+ * imports option-checks.ts through block.ts).
  */
 const registries = new WeakSet<object>();
 

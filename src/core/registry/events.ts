@@ -1,5 +1,5 @@
-import { describe } from "./describe.js";
-import type { Session } from "./session.js";
+import { describe } from "../describe.js";
+import type { Session } from "../session/session.js";
 
 /**
  * Payload of every registry event: the one argument a {@link SessionListener} gets.

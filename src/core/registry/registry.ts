@@ -1,11 +1,17 @@
 import type { DataSource, EntityManager, EntityTarget, ObjectLiteral, Repository } from "typeorm";
-import { NoActiveSessionError, RegistryBusyError, RegistryNotConfiguredError, SessionClosedError } from "../errors.js";
-import { openExplicit, openScope, runBlock, scopeSession, type SessionBody } from "./block.js";
-import { describe } from "./describe.js";
+import {
+  NoActiveSessionError,
+  RegistryBusyError,
+  RegistryNotConfiguredError,
+  SessionClosedError,
+} from "../../errors.js";
+import { runBlock, scopeSession, type SessionBody } from "../block/block.js";
+import { openExplicit, openScope } from "../block/open.js";
+import { describe } from "../describe.js";
 import { SessionEvents, type SessionEventName, type SessionListener } from "./events.js";
 import { DataSourceHost, type RegistryHost } from "./host.js";
 import { initializeOnce, trackInitialization } from "./initialization.js";
-import type { OpenOptions, SessionOptions } from "./options.js";
+import type { OpenOptions, SessionOptions } from "../block/options.js";
 import { SessionPool, type DrainOptions, type DrainResult, type SessionStats } from "./pool.js";
 import { scopedManager, scopedRepository } from "./proxies.js";
 import { markRegistry } from "./registry-brand.js";
@@ -16,9 +22,9 @@ import {
   leakDetection,
   type SessionRegistryOptions,
 } from "./registry-options.js";
-import { findScope, type Scope, storage } from "./scope.js";
-import type { Session, SessionHost } from "./session.js";
-import { isDataSource, typeormCopies } from "./typeorm.js";
+import { findScope, type Scope, storage } from "../scope.js";
+import type { Session, SessionHost } from "../session/session.js";
+import { isDataSource, typeormCopies } from "../driver/typeorm.js";
 
 let registries = 0;
 

@@ -1,13 +1,13 @@
 import type { EntityManager, QueryRunner } from "typeorm";
-import { PropagationError } from "../errors.js";
-import { cancelStatement, canReconnect, discardConnection, reconnectable } from "./driver.js";
-import type { Lease } from "./lease.js";
+import { PropagationError } from "../../errors.js";
+import { cancelStatement, canReconnect, discardConnection, reconnectable } from "../driver/driver.js";
+import type { Lease } from "../driver/lease.js";
 import type { LevelStack } from "./levels.js";
 import { RunnerView, type ViewTarget } from "./runner-view.js";
-import { type Frame, lineage, storage } from "./scope.js";
+import { type Frame, lineage, storage } from "../scope.js";
 import type { Session, SessionHost } from "./session.js";
 import type { SessionState } from "./state.js";
-import { queueOf } from "./statement-queue.js";
+import { queueOf } from "../driver/statement-queue.js";
 
 /** `QueryRunner.query` as the gate calls it: one overload per result shape, the caller's choice passed on. */
 type AnyQuery = (sql: string, parameters?: unknown[], structured?: boolean) => Promise<unknown>;

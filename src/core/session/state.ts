@@ -1,6 +1,6 @@
-import { SessionClosedError } from "../errors.js";
+import { SessionClosedError } from "../../errors.js";
 import type { LevelStack, SessionCallback } from "./levels.js";
-import { type Frame, isWithin, type RequestEnd, storage } from "./scope.js";
+import { type Frame, isWithin, type RequestEnd, storage } from "../scope.js";
 import type { Session, SessionHost } from "./session.js";
 
 const NOTHING_ROLLED_BACK: Promise<SessionCallback[]> = Promise.resolve([]);

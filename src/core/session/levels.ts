@@ -1,6 +1,6 @@
-import { PropagationError } from "../errors.js";
-import type { IsolationLevel } from "./options.js";
-import { type Frame, isWithin } from "./scope.js";
+import { PropagationError } from "../../errors.js";
+import type { IsolationLevel } from "../block/options.js";
+import { type Frame, isWithin } from "../scope.js";
 
 /** A callback registered with `afterCommit`, `afterRollback` or `beforeCommit`. */
 export type SessionCallback = () => unknown;

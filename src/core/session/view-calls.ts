@@ -1,10 +1,10 @@
 import type { QueryRunner } from "typeorm";
-import { TransactionNotActiveError } from "../errors.js";
+import { TransactionNotActiveError } from "../../errors.js";
 import type { ConnectionGate } from "./gate.js";
 import type { Handle, Level, LevelStack } from "./levels.js";
-import type { IsolationLevel } from "./options.js";
+import type { IsolationLevel } from "../block/options.js";
 import type { TransactionMethod, ViewTarget } from "./runner-view.js";
-import { isWithin, storage } from "./scope.js";
+import { isWithin, storage } from "../scope.js";
 import type { Session, SessionHost } from "./session.js";
 import type { SessionState } from "./state.js";
 import type { Transactions } from "./transactions.js";

@@ -1,7 +1,7 @@
-import { SessionTimeoutError } from "../errors.js";
+import { SessionTimeoutError } from "../../errors.js";
 import type { ConnectionGate } from "./gate.js";
 import type { LevelStack, SessionCallback } from "./levels.js";
-import type { RequestEnd } from "./scope.js";
+import type { RequestEnd } from "../scope.js";
 import type { Session, SessionHost } from "./session.js";
 import { CLOSED, OPEN, type SessionState } from "./state.js";
 import type { Transactions } from "./transactions.js";

@@ -1,16 +1,13 @@
-import { NoActiveSessionError, SessionClosedError } from "../errors.js";
-import { describe } from "./describe.js";
-import type { RegistryHost } from "./host.js";
+import { NoActiveSessionError, SessionClosedError } from "../../errors.js";
+import { describe } from "../describe.js";
+import type { RegistryHost } from "../registry/host.js";
 import { assertSecondSessionAllowed, finish, timeout } from "./open.js";
 import { resolveOptions, type ResolvedOptions } from "./option-checks.js";
 import type { Propagation } from "./options.js";
-import type { SessionRegistry } from "./registry.js";
+import type { SessionRegistry } from "../registry/registry.js";
 import { decidedOnce, retrying } from "./retry.js";
-import { findScope, type Frame, type Scope, storage } from "./scope.js";
-import { DROPPED, type Session, type SessionCallback } from "./session.js";
-
-/** @internal The ways to open a session or a scope without a block, for the modules that import them from here. */
-export { openExplicit, openScope, requestScope } from "./open.js";
+import { findScope, type Frame, type Scope, storage } from "../scope.js";
+import { DROPPED, type Session, type SessionCallback } from "../session/session.js";
 
 /** The body of a block: receives the session, returns a value or a promise of one. */
 export type SessionBody<T> = (session: Session) => T | Promise<T>;

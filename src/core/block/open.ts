@@ -1,10 +1,10 @@
-import { PropagationError, SessionTimeoutError } from "../errors.js";
-import { describe } from "./describe.js";
-import type { RegistryHost } from "./host.js";
+import { PropagationError, SessionTimeoutError } from "../../errors.js";
+import { describe } from "../describe.js";
+import type { RegistryHost } from "../registry/host.js";
 import { resolveOpenOptions } from "./option-checks.js";
-import type { SessionRegistry } from "./registry.js";
-import { type Frame, lineage, type RequestEnd, type Scope, storage } from "./scope.js";
-import type { Session, SessionCallback } from "./session.js";
+import type { SessionRegistry } from "../registry/registry.js";
+import { type Frame, lineage, type RequestEnd, type Scope, storage } from "../scope.js";
+import type { Session, SessionCallback } from "../session/session.js";
 
 /*
  * Opening a session, and what goes with it: the check before (a second session must not

@@ -1,6 +1,6 @@
 import type { DataSource, DataSourceOptions } from "typeorm";
-import { describe } from "./describe.js";
-import { appTypeorm, isDataSource, typeormCopies } from "./typeorm.js";
+import { describe } from "../describe.js";
+import { appTypeorm, isDataSource, typeormCopies } from "../driver/typeorm.js";
 
 /** A DataSource, or a function that makes one (late binding). */
 export type DataSourceInput = DataSource | (() => DataSource | Promise<DataSource>);

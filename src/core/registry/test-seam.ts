@@ -1,11 +1,11 @@
 import type { RegistryHost } from "./host.js";
 import type { SessionRegistry } from "./registry.js";
-import type { Session } from "./session.js";
+import type { Session } from "../session/session.js";
 
 /*
  * What useTransactionalTests() needs of the core, in one place. While a test runs, the
  * registry's `_testScope` holds the test's scope; scope lookups (scope.ts) fall back to
- * it outside every block, and new scopes and request scopes (block.ts) join it.
+ * it outside every block, and new scopes and request scopes (block/open.ts) join it.
  */
 
 /**

@@ -1,7 +1,7 @@
-import { describe } from "./describe.js";
+import { describe } from "../describe.js";
 import type { IsolationLevel, Propagation, RetryOptions, SessionOptions } from "./options.js";
-import { isRegistry } from "./registry-brand.js";
-import type { SessionRegistry } from "./registry.js";
+import { isRegistry } from "../registry/registry-brand.js";
+import type { SessionRegistry } from "../registry/registry.js";
 import { isRetryableError, type ResolvedRetry } from "./retry.js";
 
 /**

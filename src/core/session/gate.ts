@@ -7,7 +7,7 @@ import { RunnerView, type ViewTarget } from "./runner-view.js";
 import { type Frame, lineage, storage } from "../scope.js";
 import type { Session, SessionHost } from "./session.js";
 import type { SessionState } from "./state.js";
-import { queueOf } from "../driver/statement-queue.js";
+import { queueOf, type StatementQueue } from "../driver/statement-queue.js";
 
 /** `QueryRunner.query` as the gate calls it: one overload per result shape, the caller's choice passed on. */
 type AnyQuery = (sql: string, parameters?: unknown[], structured?: boolean) => Promise<unknown>;
@@ -38,6 +38,8 @@ export class ConnectionGate {
   pinned = false;
   /** Statements run so far. */
   statements = 0;
+  /** The statement queue of the connection (SQLite's one shared runner: every session's). */
+  #queue: StatementQueue | undefined;
   /** Statements queued or in flight on a pooled connection: they keep it. */
   #uses = 0;
   /**
@@ -144,7 +146,7 @@ export class ConnectionGate {
 
   /** Send a statement (a query, a BEGIN, a COMMIT...) when the connection is free: one at a time, in order. */
   send<T>(send: () => Promise<T>): Promise<T> {
-    return queueOf(this.real!).run(send);
+    return (this.#queue ??= queueOf(this.real!)).run(send);
   }
 
   /** One of the session's own transaction statements: it has the connection, and waits only for the statements before it. */

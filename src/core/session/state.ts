@@ -5,6 +5,12 @@ import type { Session, SessionHost } from "./session.js";
 
 const NOTHING_ROLLED_BACK: Promise<SessionCallback[]> = Promise.resolve([]);
 
+/** A block waiting on the session's body: settled by the body, or by a force-close first. */
+interface Guard {
+  killed: boolean;
+  readonly reject: (error: unknown) => void;
+}
+
 /** What the state asks of a session's closing part, once it has one. */
 interface Ending {
   reopen(): boolean;
@@ -56,7 +62,7 @@ export class SessionState {
   /** Work waiting for its turn: until no level owned by another block is open. */
   #waiters: { frame: Frame | undefined; grant: () => void }[] | undefined;
   /** Blocks waiting on this session that must settle at once if it is force-closed. */
-  #guards: Set<(error: unknown, closed: Promise<void>) => void> | undefined;
+  #guards: Set<Guard> | undefined;
   /** The closing under way or done; resolves to the `afterRollback` callbacks of what it rolled back. */
   closing: Promise<SessionCallback[]> | undefined;
   /** The session's closing part, once it has one: reopens and closes a request's session. */
@@ -194,29 +200,28 @@ export class SessionState {
   guard<T>(outcome: T | Promise<T>): Promise<T> {
     if (!(outcome instanceof Promise)) return Promise.resolve(outcome);
     return new Promise<T>((resolve, reject) => {
-      let killed = false;
-      const guard = (error: unknown, closed: Promise<void>): void => {
-        killed = true;
-        void closed.then(() => reject(error));
-      };
+      const guard: Guard = { killed: false, reject };
       const guards = (this.#guards ??= new Set());
       guards.add(guard);
       outcome.then(
         (value) => {
           guards.delete(guard);
-          if (!killed) resolve(value);
+          if (!guard.killed) resolve(value);
         },
         (error: unknown) => {
           guards.delete(guard);
-          if (!killed) reject(error);
+          if (!guard.killed) reject(error);
         },
       );
     });
   }
 
-  /** Force-closed: the guarded blocks reject with `error` once `closed` settles. */
+  /** Force-closed: the guarded blocks reject with `error` once `closed` settles, whatever their bodies do. */
   settleGuards(error: unknown, closed: Promise<void>): void {
-    for (const settleNow of this.#guards ?? []) settleNow(error, closed);
+    for (const guard of this.#guards ?? []) {
+      guard.killed = true;
+      void closed.then(() => guard.reject(error));
+    }
   }
 
   /** Run callbacks in order, reporting failures through the registry's `error` event. */

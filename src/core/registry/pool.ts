@@ -76,7 +76,6 @@ export class SessionPool {
   #timeouts = 0;
   #leaks = 0;
   #statements = 0;
-  /** Statements of closed sessions already in `#statements`, for those that reopen. */
   /** Open sessions, with their leak timers. */
   readonly #open = new Map<Session, LeakWatch>();
   /** Set by drain(): no new sessions. */

@@ -60,9 +60,10 @@ export class ConnectionGate {
     if (this.real !== undefined) return this.real;
     const real = this.#host.dataSource.driver.createQueryRunner("master");
     const view = new RunnerView(real, this.viewTarget!, this.#host.lease !== undefined);
+    const manager = this.#host.manager(view.runner, this.#session);
     this.real = real;
     this.view = view;
-    this.manager = this.#host.manager(view.runner, this.#session);
+    this.manager = manager;
     // Subscribers of the driver's own events (BeforeQuery, AfterTransactionCommit...) see our manager.
     if (this.#host.lease === undefined) Object.assign(real, { manager: this.manager });
     return real;

@@ -134,10 +134,11 @@ export class SessionState {
     if (this.requestOver !== undefined) this.idleCheck();
     const waiting = this.#waiters;
     if (waiting === undefined || waiting.length === 0) return;
-    const still: typeof waiting = (this.#waiters = []);
+    this.#waiters = [];
     for (const waiter of waiting) {
+      // A grant may wake again: a waiter that must go on waiting joins the current list.
       if (this.life !== OPEN || this.mayRun(waiter.frame)) waiter.grant();
-      else still.push(waiter);
+      else (this.#waiters ??= []).push(waiter);
     }
   }
 

@@ -114,10 +114,10 @@ export class LevelStack {
    * Push a level for a block running in `frame`, or decide to join the open one
    * (`savepoint: false`). Synchronous, so that nobody slips in between.
    *
-   * @param session - the session, as named in error messages
+   * @param session - the session, named in error messages
    * @throws {@link PropagationError} when the block's options contradict the open transaction
    */
-  push(frame: Frame | undefined, spec: LevelSpec, session: string): Handle {
+  push(frame: Frame | undefined, spec: LevelSpec, session: { toString(): string }): Handle {
     const top = this.#levels.at(-1);
     // Under useTransactionalTests() a block that would be outermost behaves so: durable is
     // allowed, isolation and readOnly are ignored, and its transaction is a savepoint.
@@ -125,19 +125,19 @@ export class LevelStack {
       const who = spec.name === undefined ? "A nested transactional block" : `Block "${spec.name}"`;
       if (spec.durable) {
         throw new PropagationError(
-          `${who} is durable but runs inside an open transaction of ${session}. ` +
+          `${who} is durable but runs inside an open transaction of ${String(session)}. ` +
             `Call it outside any transaction, or use propagation "requiresNew".`,
         );
       }
       if (spec.isolation !== undefined) {
         throw new PropagationError(
-          `${who} asks for isolation ${spec.isolation} but joins an open transaction of ${session}, ` +
+          `${who} asks for isolation ${spec.isolation} but joins an open transaction of ${String(session)}, ` +
             `whose isolation is already set. Set isolation on the outermost block, or use propagation "requiresNew".`,
         );
       }
       if (spec.readOnly && !top.readOnly) {
         throw new PropagationError(
-          `${who} asks for readOnly but joins a read-write transaction of ${session}. ` +
+          `${who} asks for readOnly but joins a read-write transaction of ${String(session)}. ` +
             `Set readOnly on the outermost block, or use propagation "requiresNew".`,
         );
       }

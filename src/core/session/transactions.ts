@@ -43,7 +43,7 @@ export class Transactions {
     if (!state.usableFrom(frame)) return Promise.reject(state.closedError());
     if (state.mayRun(frame)) {
       try {
-        return this.#start(this.#stack.push(frame, spec, String(this.session)), spec);
+        return this.#start(this.#stack.push(frame, spec, this.session), spec);
       } catch (error) {
         return Promise.reject(error);
       }
@@ -52,7 +52,7 @@ export class Transactions {
       this.#state.wait(frame, () => {
         try {
           if (!state.usableFrom(frame)) throw state.closedError();
-          resolve(this.#start(this.#stack.push(frame, spec, String(this.session)), spec));
+          resolve(this.#start(this.#stack.push(frame, spec, this.session), spec));
         } catch (error) {
           reject(error);
         }

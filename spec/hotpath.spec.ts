@@ -952,6 +952,11 @@ describe("hot path: SQLite statements outside transactions share the connection 
         }
       },
     );
+    // A's abandoned statement ends once the timeout has fired: closing waits for it
+    // (so that it cannot run after the ROLLBACK), then gives back what A holds. Listening
+    // from the start: on a loaded machine the timeout may fire before A's first statement
+    // is answered.
+    reg.on("timeout", () => slowA.resolve());
     const aStarted = deferred();
     const aStatementDone = deferred();
     const a = reg.withTransaction(
@@ -978,9 +983,6 @@ describe("hot path: SQLite statements outside transactions share the connection 
       await cGo.promise;
       throw new Planned("c rolls back");
     });
-    // A's abandoned statement ends once the timeout has fired: closing waits for it
-    // (so that it cannot run after the ROLLBACK), then gives back what A holds.
-    reg.on("timeout", () => slowA.resolve());
     expect(await rejectionOf(a)).to.be.instanceOf(SessionTimeoutError);
     await aStatementDone.promise;
     // C must keep waiting for B's read: give it every chance to (wrongly) begin. If it does,

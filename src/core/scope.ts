@@ -18,6 +18,11 @@ export interface Scope {
    * the next use of the scope gets a new session that does the same.
    */
   over?: RequestEnd | undefined;
+  /**
+   * A scope begun before the registry began to drain (`registry.scope()`, a web request): work
+   * it had accepted may still open its session during the drain, which waits for the scope.
+   */
+  accepted?: boolean;
 }
 
 /** Why a request scope's request is over: the response finished, or the client went away first. */

@@ -194,7 +194,8 @@ export function scopeSession(scope: Scope, host: RegistryHost, name: string | un
   if (session !== undefined) return session;
   if (scope.ended)
     throw new SessionClosedError(`The session of registry "${scope.registry.name}"`, "its scope has ended");
-  return (scope.session = host.createSession(name));
+  // A scope accepted before drain() began may still open its session while its work is under way.
+  return (scope.session = host.createSession(name, scope.accepted === true));
 }
 
 /**

@@ -36,13 +36,16 @@ export async function openScope<T>(registry: SessionRegistry, fn: () => T | Prom
   // Under useTransactionalTests() a request's scope is the test's: same session, same transaction.
   if (test !== undefined) return storage.run({ scope: test, parent: storage.getStore() }, fn);
   await readyHost(registry);
-  const scope: Scope = { registry, session: undefined, ended: false };
+  // drain() waits for the scope: its body may open its session during the drain.
+  const release = registry._hold();
+  const scope: Scope = { registry, session: undefined, ended: false, accepted: release !== undefined };
   try {
     return await storage.run({ scope, parent: storage.getStore() }, fn);
   } finally {
     // The session, if the body made one, is removed whatever the body did, before the scope settles.
     const finishing = finish(scope, undefined);
     if (finishing !== undefined) await finishing;
+    release?.();
   }
 }
 
@@ -111,12 +114,17 @@ export async function requestScope<T>(
   // Under useTransactionalTests() a request's scope is the test's: same session, same transaction.
   if (test !== undefined) return storage.run({ scope: test, parent: storage.getStore() }, () => body(() => {}));
   await readyHost(registry);
-  const scope: Scope = { registry, session: undefined, ended: false };
+  // A request accepted before drain() began is work in flight: drain() waits until it is over, and
+  // until then it may open its session (server.close() stops new requests; these still finish).
+  const release = registry._hold();
+  const scope: Scope = { registry, session: undefined, ended: false, accepted: release !== undefined };
   const end = (reason: RequestEnd): void => {
     if (scope.over !== undefined) return;
     scope.over = reason;
     scope.ended = true;
     scope.session?._closeWhenIdle(reason, false);
+    // Its session, if still busy, keeps drain() waiting as an open session from here on.
+    release?.();
   };
   return storage.run({ scope, parent: storage.getStore() }, () => body(end));
 }

@@ -154,16 +154,33 @@ async function runOwned<T>(
   const pending: SessionCallback[] | undefined = opts.transaction ? [] : undefined;
   const timer = timeout(session, host, opts.timeoutMs);
   try {
-    return await session._guard(
-      pending === undefined
-        ? storage.run(frame, callBody<T>, fn, session)
-        : storage.run(frame, transactional<T>, session, frame, fn, opts, true, pending, attempt),
-    );
+    return await guardedBody(session, frame, fn, opts, true, pending, attempt);
   } finally {
     clearTimeout(timer);
     const finishing = finish(scope, pending);
     if (finishing !== undefined) await finishing;
   }
+}
+
+/**
+ * The body in `frame`, inside a transaction when the block asks for one (`owner`: the block owns the
+ * session; `pending` is where the transaction's callbacks go), settling early when the session is
+ * force-closed.
+ */
+function guardedBody<T>(
+  session: Session,
+  frame: Frame,
+  fn: SessionBody<T>,
+  opts: ResolvedOptions,
+  owner: boolean,
+  pending: SessionCallback[] | undefined,
+  attempt: number | undefined,
+): Promise<T> {
+  return session._guard(
+    pending === undefined
+      ? storage.run(frame, callBody<T>, fn, session)
+      : storage.run(frame, transactional<T>, session, frame, fn, opts, owner, pending, attempt),
+  );
 }
 
 /** `fn(session)`, for `storage.run()` to call without a closure made per block. */
@@ -241,11 +258,7 @@ async function runJoined<T>(
   const pending: SessionCallback[] | undefined = opts.transaction ? [] : undefined;
   const timer = host === undefined ? undefined : timeout(session, host, opts.timeoutMs);
   try {
-    return await session._guard(
-      pending === undefined
-        ? storage.run(frame, callBody<T>, fn, session)
-        : storage.run(frame, transactional<T>, session, frame, fn, opts, false, pending, attempt),
-    );
+    return await guardedBody(session, frame, fn, opts, false, pending, attempt);
   } finally {
     clearTimeout(timer);
     await session._runCallbacks(pending ?? NO_CALLBACKS);

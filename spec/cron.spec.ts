@@ -276,10 +276,11 @@ forEachBackend("cron: DatabaseRunCoordinator", (backend: Backend) => {
   it("purges expired leases during later acquisitions", async function () {
     this.timeout(10_000);
     const coordinator = new DatabaseRunCoordinator({ registry: reg, table });
-    for (const key of ["old-1", "old-2", "old-3"]) expect(await coordinator.shouldRun(key, 100)).to.be.true;
+    // Leases of 1.5 s: all four are still there after the four acquisitions, however slow the machine.
+    for (const key of ["old-1", "old-2", "old-3"]) expect(await coordinator.shouldRun(key, 1_500)).to.be.true;
     expect(await coordinator.shouldRun("live", 60_000)).to.be.true;
     expect((await rows()).map((r) => r.key)).to.deep.equal(["live", "old-1", "old-2", "old-3"]);
-    await sleep(250);
+    await sleep(1_700); // the old leases lapse
     expect(await coordinator.shouldRun("new", 60_000)).to.be.true;
     expect((await rows()).map((r) => r.key)).to.deep.equal(["live", "new"]);
   });

@@ -80,11 +80,6 @@ export class LevelStack {
     return this.#levels.at(-1);
   }
 
-  /** The outermost level, if any. */
-  get bottom(): Level | undefined {
-    return this.#levels[0];
-  }
-
   /** Open levels the code under test can see (all of them, outside useTransactionalTests()). */
   get visible(): number {
     return this.#levels.length - (this.#levels[0]?.invisible === true ? 1 : 0);

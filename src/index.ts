@@ -19,6 +19,8 @@ export type {
   UrlRegistryOptions,
 } from "./core/registry/registry-options.js";
 export type { SessionEvent, SessionEventName, SessionListener } from "./core/registry/events.js";
+export type { TracingOption } from "./core/tracing/session-trace.js";
+export type { SpanLike, TraceAttributes, TracerLike } from "./core/tracing/otel.js";
 export type { DrainOptions, DrainResult, SessionStats } from "./core/registry/pool.js";
 export {
   currentSession,

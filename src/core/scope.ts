@@ -23,6 +23,8 @@ export interface Scope {
    * it had accepted may still open its session during the drain, which waits for the scope.
    */
   accepted?: boolean;
+  /** With `replicas`: the scope has written on the primary, so its read-only blocks stay there. */
+  wrote?: boolean;
 }
 
 /** Why a request scope's request is over: the response finished, or the client went away first. */
@@ -54,6 +56,21 @@ export function findScope(frame: Frame | undefined, registry: SessionRegistry): 
   }
   // Under useTransactionalTests(), code outside every block runs in the test's scope.
   return registry._testScope;
+}
+
+/** Mark every scope of `registry` that `frame` runs in as having written on the primary. */
+export function markWrote(frame: Frame | undefined, registry: SessionRegistry): void {
+  for (let f = frame; f !== undefined; f = f.parent) {
+    if (f.scope.registry === registry) f.scope.wrote = true;
+  }
+}
+
+/** Whether a scope of `registry` that `frame` runs in has written on the primary. */
+export function wrote(frame: Frame | undefined, registry: SessionRegistry): boolean {
+  for (let f = frame; f !== undefined; f = f.parent) {
+    if (f.scope.registry === registry && f.scope.wrote === true) return true;
+  }
+  return false;
 }
 
 /** Whether `frame` is `ancestor` or runs inside it. */

@@ -6,7 +6,7 @@ import { resolveOptions, type ResolvedOptions } from "./option-checks.js";
 import type { Propagation } from "./options.js";
 import type { SessionRegistry } from "../registry/registry.js";
 import { decidedOnce, retrying } from "./retry.js";
-import { findScope, type Frame, type Scope, storage } from "../scope.js";
+import { findScope, type Frame, type Scope, storage, wrote } from "../scope.js";
 import { DROPPED, type Session, type SessionCallback } from "../session/session.js";
 
 /** The body of a block: receives the session, returns a value or a promise of one. */
@@ -14,11 +14,13 @@ export type SessionBody<T> = (session: Session) => T | Promise<T>;
 
 /**
  * How a block was asked for: `detached()` opens a fresh scope that inherits nothing;
- * `duringDrain` (detached too) also while the registry drains: bookkeeping covered by `_hold()`.
+ * `duringDrain` (detached too) also while the registry drains: bookkeeping covered by `_hold()`;
+ * `replica`: its session runs on a replica (decided by {@link execute}).
  */
 interface BlockOptions extends ResolvedOptions {
   readonly detached?: boolean;
   readonly duringDrain?: boolean;
+  readonly replica?: boolean;
 }
 
 /** The propagation of a block, `detached()` as a mode of its own: it ignores `propagation`. */
@@ -77,10 +79,16 @@ export async function execute<T>(bound: SessionRegistry, fn: SessionBody<T>, opt
     case "required": {
       // The scope's session (under useTransactionalTests(), the test's); outside every scope, a new one.
       const scope = findScope(here, registry);
+      if (opts.readOnly && host.replicated && onReplica(scope, here, registry)) {
+        return openNew(registry, host, here, fn, { ...opts, replica: true });
+      }
       if (scope !== undefined) return join(scope, host, here, fn, opts);
       return openNew(registry, host, here, fn, opts);
     }
     case "requiresNew":
+      if (opts.readOnly && host.replicated && onReplica(findScope(here, registry), here, registry)) {
+        return openNew(registry, host, here, fn, { ...opts, replica: true });
+      }
       // A session of its own, on its own connection, whatever the scope has.
       assertSecondSessionAllowed(here, host, opts.name, 'propagation "requiresNew"');
       return openNew(registry, host, here, fn, opts);
@@ -97,8 +105,20 @@ export async function execute<T>(bound: SessionRegistry, fn: SessionBody<T>, opt
     case "detached":
       // A fresh scope that inherits nothing, whatever `propagation` says.
       assertSecondSessionAllowed(here, host, opts.name, "detached()");
+      if (opts.readOnly && host.replicated && !wrote(here, registry)) {
+        return openNew(registry, host, here, fn, { ...opts, replica: true });
+      }
       return openNew(registry, host, here, fn, opts);
   }
+}
+
+/**
+ * With `replicas`: whether a read-only block runs on a replica. Not when it is nested in
+ * an open transaction of its scope's session (it joins that), nor once a scope it runs in
+ * has written on the primary (it reads that scope's own writes there).
+ */
+function onReplica(scope: Scope | undefined, here: Frame | undefined, registry: SessionRegistry): boolean {
+  return scope?.session?._inAnyTransaction() !== true && !wrote(here, registry);
 }
 
 /** Run the block on the session of `scope`, which outlives it. */
@@ -145,7 +165,7 @@ async function runOwned<T>(
   opts: BlockOptions,
   attempt: number | undefined,
 ): Promise<T> {
-  const session = host.createSession(opts.name, opts.duringDrain);
+  const session = host.createSession(opts.name, opts.duringDrain, opts.replica);
   if (opts.holdConnection) session._holdConnection();
   const scope: Scope = { registry, session, ended: false };
   // A detached scope inherits nothing; it remembers where it came from only to detect a wait on itself.
@@ -155,6 +175,9 @@ async function runOwned<T>(
   const timer = timeout(session, host, opts.timeoutMs);
   try {
     return await guardedBody(session, frame, fn, opts, true, pending, attempt);
+  } catch (error) {
+    session._trace?.fail(error);
+    throw error;
   } finally {
     clearTimeout(timer);
     const finishing = finish(scope, pending);
@@ -183,9 +206,13 @@ function guardedBody<T>(
   );
 }
 
-/** `fn(session)`, for `storage.run()` to call without a closure made per block. */
+/**
+ * `fn(session)`, for `storage.run()` to call without a closure made per block; when the
+ * session is traced, with its innermost span active, so that the body's own spans nest under it.
+ */
 function callBody<T>(fn: SessionBody<T>, session: Session): T | Promise<T> {
-  return fn(session);
+  const trace = session._trace;
+  return trace === undefined ? fn(session) : trace.run(fn, session);
 }
 
 /**
@@ -235,7 +262,7 @@ export async function joinSession<T>(
   host?: RegistryHost,
 ): Promise<T> {
   if (!session._usableFrom(here)) throw session._closedError();
-  if (!opts.transaction && opts.timeoutMs === undefined) return fn(session);
+  if (!opts.transaction && opts.timeoutMs === undefined) return callBody(fn, session);
   const frame: Frame = { scope, parent: here };
   // A joined block retries only as the outermost transaction of a session still usable.
   if (opts.retry === undefined || session.inTransaction) return runJoined(session, frame, fn, opts, host, undefined);
@@ -281,12 +308,12 @@ async function transactional<T>(
   const handle = await session._enter(frame, attempt === undefined ? opts : { ...opts, attempt });
   let value: T;
   try {
-    value = await fn(session);
+    value = await callBody(fn, session);
     await session._beforeCommit(handle);
   } catch (error) {
     session._markRollbackOnly(handle, opts.name);
     if (owner) session._markClosing();
-    const outcome = await session._exit(handle, false);
+    const outcome = await session._exit(handle, false, error);
     // A failed attempt that will be retried leaves nothing behind, its callbacks included.
     if (attempt === undefined || !opts.retry?.retryOn(error) || attempt > opts.retry.retries) {
       pending.push(...outcome.callbacks);

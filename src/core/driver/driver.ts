@@ -223,3 +223,21 @@ function isFileDatabase(database: unknown): boolean {
   if (typeof database !== "string" || database === "" || database === ":memory:") return false;
   return !database.startsWith("file::memory:") && !/[?&]mode=memory\b/.test(database);
 }
+
+/** Leading whitespace, block and line comments and opening parentheses, then SELECT. */
+const PLAIN_SELECT = /^(?:\s|\/\*[\s\S]*?\*\/|--[^\n]*\n|\()*select\b/i;
+
+/**
+ * Whether `sql` is a plain SELECT (a `WITH` may hold an `INSERT`, so it does not count). With `replicas`, any other statement on the primary keeps the
+ * scope there.
+ *
+ * @internal
+ * @example
+ * ```ts
+ * isPlainSelect('SELECT "id" FROM "user" WHERE "id" = $1'); // true
+ * isPlainSelect("INSERT INTO note VALUES (1)"); // false
+ * ```
+ */
+export function isPlainSelect(sql: string): boolean {
+  return PLAIN_SELECT.test(sql);
+}

@@ -5,15 +5,18 @@ import { Lease } from "../driver/lease.js";
 import { sessionManager } from "./manager.js";
 import type { SessionPool } from "./pool.js";
 import type { SessionRegistry } from "./registry.js";
+import type { HostSettings } from "./registry-options.js";
 import { Session, type SessionHost } from "../session/session.js";
+import { Tracing } from "../tracing/session-trace.js";
 
 /** @internal What blocks need of a registry besides what sessions need. */
 export interface RegistryHost extends SessionHost {
   /**
    * A new session; throws {@link RegistryClosedError} while the registry drains, unless
    * `duringDrain` (bookkeeping that drain() waits for) and the DataSource is still initialized.
+   * `replica`: on a replica (only where {@link replicated}).
    */
-  createSession(name: string | undefined, duringDrain?: boolean): Session;
+  createSession(name: string | undefined, duringDrain?: boolean, replica?: boolean): Session;
   /** A block ran past its timeoutMs. */
   timedOut(session: Session, durationMs: number): void;
   /** Throws {@link RegistryClosedError} once the registry has begun to drain. */
@@ -34,11 +37,19 @@ export class DataSourceHost implements RegistryHost {
   readonly dataSource: DataSource;
   readonly family: DriverFamily;
   readonly lease: Lease<Session> | undefined;
+  readonly replicated: boolean;
+  readonly #tracing: Tracing | undefined;
   readonly #registry: SessionRegistry;
   readonly #pool: SessionPool;
   readonly #events: SessionEvents;
 
-  constructor(registry: SessionRegistry, pool: SessionPool, events: SessionEvents, dataSource: DataSource) {
+  constructor(
+    registry: SessionRegistry,
+    pool: SessionPool,
+    events: SessionEvents,
+    dataSource: DataSource,
+    settings: HostSettings,
+  ) {
     let lease = leases.get(dataSource);
     if (lease === undefined) {
       lease = isSingleConnection(dataSource) ? new Lease<Session>() : null;
@@ -48,6 +59,9 @@ export class DataSourceHost implements RegistryHost {
     this.dataSource = dataSource;
     this.family = familyOf(dataSource);
     this.lease = lease ?? undefined;
+    // TypeORM's drivers with `replication` in their options say so.
+    this.replicated = settings.replicas && (dataSource.driver as { isReplicated?: boolean }).isReplicated === true;
+    this.#tracing = Tracing.of(settings.tracing, dataSource);
     this.#registry = registry;
     this.#pool = pool;
     this.#events = events;
@@ -57,15 +71,17 @@ export class DataSourceHost implements RegistryHost {
     this.#pool.assertOpen();
   }
 
-  createSession(name: string | undefined, duringDrain = false): Session {
+  createSession(name: string | undefined, duringDrain = false, replica = false): Session {
     if (!duringDrain || !this.dataSource.isInitialized) this.#pool.assertOpen();
-    const session = Session._create(this.#registry, this, name);
+    const session = Session._create(this.#registry, this, name, replica);
+    if (this.#tracing !== undefined) session._trace = this.#tracing.start(session.id, name, replica);
     this.#pool.opened(session);
     return session;
   }
 
   reopened(session: Session): boolean {
     if (this.#pool.draining) return false;
+    if (this.#tracing !== undefined) session._trace = this.#tracing.start(session.id, session.name, session.replica);
     this.#pool.opened(session);
     return true;
   }
@@ -90,6 +106,8 @@ export class DataSourceHost implements RegistryHost {
   }
 
   closed(session: Session, durationMs: number): void {
+    session._trace?.close(session.statements);
+    session._trace = undefined;
     this.#pool.closed(session, durationMs);
   }
 }

@@ -1,6 +1,7 @@
 import type { DataSource, DataSourceOptions } from "typeorm";
 import { describe } from "../describe.js";
 import { appTypeorm, isDataSource, typeormCopies } from "../driver/typeorm.js";
+import { type TracingOption, tracingOption } from "../tracing/session-trace.js";
 
 /** A DataSource, or a function that makes one (late binding). */
 export type DataSourceInput = DataSource | (() => DataSource | Promise<DataSource>);
@@ -18,6 +19,32 @@ export interface CommonRegistryOptions {
    * @default none
    */
   leakDetectionMs?: number;
+  /**
+   * OpenTelemetry spans through `@opentelemetry/api` (an optional peer): a span per
+   * session (`session <name>`), with a child span per transaction (`transaction`) and
+   * savepoint (`savepoint`), `retry` and `rollback` events, the error status when a
+   * block rejects, and the attributes `db.system`, `db.namespace` and `session.id`.
+   * Statements run with the innermost of these spans active, so the spans of TypeORM's
+   * or the driver's instrumentation nest under it. `true` uses the registered SDK's
+   * tracer; `{ tracer }` a tracer of your own. Without the API installed or an SDK
+   * registered, it costs nothing.
+   * @default false
+   */
+  tracing?: TracingOption;
+  /**
+   * With a DataSource configured with TypeORM's `replication: { master, slaves }`: a
+   * `readOnly` block that is not nested in an open transaction runs on a session of its
+   * own on a replica (as if it had `propagation: "requiresNew"`), until its scope has
+   * written on the primary; everything else uses the primary. No effect without `replication`.
+   * @default false
+   */
+  replicas?: boolean;
+}
+
+/** @internal The options a registry keeps for each DataSource it initializes. */
+export interface HostSettings {
+  readonly tracing: TracingOption | undefined;
+  readonly replicas: boolean;
 }
 
 /** Build the registry on an existing DataSource (initialized on first use if needed). */
@@ -91,6 +118,15 @@ export function leakDetection(options: SessionRegistryOptions): number | undefin
   return value;
 }
 
+/** @internal The `tracing` and `replicas` options, checked. */
+export function hostSettings(options: SessionRegistryOptions): HostSettings {
+  const replicas = options.replicas;
+  if (replicas !== undefined && typeof replicas !== "boolean") {
+    throw new TypeError(`Expected \`replicas\` to be a boolean, got ${describe(replicas)}`);
+  }
+  return { tracing: tracingOption(options.tracing), replicas: replicas === true };
+}
+
 /** @internal The data source the options give (built from `url`), checked; `undefined` for none. */
 export function dataSourceInput(options: SessionRegistryOptions): DataSourceInput | undefined {
   if ("dataSource" in options && options.dataSource !== undefined) {
@@ -107,7 +143,7 @@ export function dataSourceInput(options: SessionRegistryOptions): DataSourceInpu
     return input;
   }
   if ("url" in options && options.url !== undefined) {
-    const { url, name: _name, ...rest } = options;
+    const { url, name: _name, leakDetectionMs: _leak, tracing: _tracing, replicas: _replicas, ...rest } = options;
     const parsed = parseUrl(url);
     // The application's typeorm, the copy its entities and code use, not necessarily the library's own.
     const typeorm = appTypeorm();

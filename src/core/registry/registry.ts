@@ -19,6 +19,8 @@ import {
   dataSourceInput,
   type DataSourceInput,
   expectOptionsObject,
+  hostSettings,
+  type HostSettings,
   leakDetection,
   type SessionRegistryOptions,
 } from "./registry-options.js";
@@ -46,6 +48,7 @@ export class SessionRegistry {
   readonly name: string;
 
   #input: DataSourceInput | undefined;
+  #settings: HostSettings;
   #host: DataSourceHost | undefined;
   #initializing: Promise<SessionHost> | undefined;
   readonly #events: SessionEvents;
@@ -75,6 +78,7 @@ export class SessionRegistry {
     markRegistry(this);
     this.#events = new SessionEvents(this.name);
     this.#pool = new SessionPool(this.name, this.#events, leakDetection(options));
+    this.#settings = hostSettings(options);
     this.#input = dataSourceInput(options);
     // From now on the application's own initialize() and this registry's share one initialization.
     if (typeof this.#input === "object") trackInitialization(this.#input);
@@ -140,7 +144,9 @@ export class SessionRegistry {
     expectOptionsObject(options);
     if (this.#pool.active > 0) throw new RegistryBusyError(this.name, this.#pool.active);
     const leakDetectionMs = leakDetection(options);
+    const settings = hostSettings(options);
     this.#input = dataSourceInput(options);
+    this.#settings = settings;
     if (typeof this.#input === "object") trackInitialization(this.#input);
     this.#pool.reopen(leakDetectionMs);
     this.#host = undefined;
@@ -513,7 +519,7 @@ export class SessionRegistry {
     const initializing = initializeOnce(dataSource);
     if (initializing !== undefined) await initializing;
     if (this.#input !== input) return this._ready(); // reconfigured meanwhile: use the new one
-    this.#host = new DataSourceHost(this, this.#pool, this.#events, dataSource);
+    this.#host = new DataSourceHost(this, this.#pool, this.#events, dataSource, this.#settings);
     return this.#host;
   }
 }

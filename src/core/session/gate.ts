@@ -1,10 +1,10 @@
 import type { EntityManager, QueryRunner } from "typeorm";
 import { PropagationError } from "../../errors.js";
-import { cancelStatement, canReconnect, discardConnection, reconnectable } from "../driver/driver.js";
+import { cancelStatement, canReconnect, discardConnection, isPlainSelect, reconnectable } from "../driver/driver.js";
 import type { Lease } from "../driver/lease.js";
 import type { LevelStack } from "./levels.js";
 import { RunnerView, type ViewTarget } from "./runner-view.js";
-import { type Frame, lineage, storage } from "../scope.js";
+import { type Frame, lineage, markWrote, storage } from "../scope.js";
 import type { Session, SessionHost } from "./session.js";
 import type { SessionState } from "./state.js";
 import { queueOf, type StatementQueue } from "../driver/statement-queue.js";
@@ -58,7 +58,8 @@ export class ConnectionGate {
   /** Make the driver's runner, its view and manager (once). */
   open(): QueryRunner {
     if (this.real !== undefined) return this.real;
-    const real = this.#host.dataSource.driver.createQueryRunner("master");
+    // TypeORM's "slave" runner takes a connection from a replica's pool (`replication`).
+    const real = this.#host.dataSource.driver.createQueryRunner(this.#session.replica ? "slave" : "master");
     const view = new RunnerView(real, this.viewTarget!, this.#host.lease !== undefined);
     const manager = this.#host.manager(view.runner, this.#session);
     this.real = real;
@@ -153,7 +154,20 @@ export class ConnectionGate {
   /** One of the session's own transaction statements: it has the connection, and waits only for the statements before it. */
   control(sql: string, parameters: unknown[] | undefined, structured: boolean): Promise<unknown> {
     const real = this.real!;
-    return this.send(() => (real.query as AnyQuery).call(real, sql, parameters, structured));
+    return this.send(() => this.#query(real, real, sql, parameters, structured));
+  }
+
+  /** `real.query` with `this` = `target`, under the session's innermost span when it is traced. */
+  #query(
+    real: QueryRunner,
+    target: QueryRunner,
+    sql: string,
+    parameters: unknown[] | undefined,
+    structured: boolean,
+  ): Promise<unknown> {
+    const trace = this.#session._trace;
+    if (trace === undefined) return (real.query as AnyQuery).call(target, sql, parameters, structured);
+    return trace.run(callQuery, real, target, sql, parameters, structured);
   }
 
   /** A statement of the session's user or of TypeORM: waits for its turn and the connection. */
@@ -163,8 +177,13 @@ export class ConnectionGate {
     const reopening = state.reopening();
     if (reopening !== undefined) await reopening;
     const real = this.real ?? this.open();
-    const lease = this.#host.lease;
+    const host = this.#host;
+    const lease = host.lease;
     this.statements += 1;
+    // With `replicas`: a statement that may write, outside a read-only transaction, keeps the scope on the primary.
+    if (host.replicated && !this.#session.replica && this.#stack.top?.readOnly !== true && !isPlainSelect(sql)) {
+      markWrote(frame, this.#session.registry);
+    }
     let running: Promise<unknown>;
     if (lease === undefined) {
       for (;;) {
@@ -179,7 +198,7 @@ export class ConnectionGate {
         state.assertUsable(frame);
         const connecting = this.connect();
         if (connecting !== undefined) await connecting;
-        return (real.query as AnyQuery).call(real, sql, parameters, structured);
+        return this.#query(real, real, sql, parameters, structured);
       });
     } else {
       // Each pass waits for something (a turn, the lease) and checks again: whatever
@@ -204,7 +223,7 @@ export class ConnectionGate {
       running = this.send(() => {
         // Queued behind other sessions' statements: refused if this session was closed meanwhile.
         state.assertUsable(frame);
-        return (real.query as AnyQuery).call(view, sql, parameters, structured);
+        return this.#query(real, view, sql, parameters, structured);
       });
     }
     this.inFlight.add(running);
@@ -323,4 +342,15 @@ export class ConnectionGate {
     }
     lease?.releaseAll(this.#session);
   }
+}
+
+/** `real.query` called on `target`, for {@link SessionTrace.run} to call without a closure. */
+function callQuery(
+  real: QueryRunner,
+  target: QueryRunner,
+  sql: string,
+  parameters: unknown[] | undefined,
+  structured: boolean,
+): Promise<unknown> {
+  return (real.query as AnyQuery).call(target, sql, parameters, structured);
 }

@@ -1,6 +1,7 @@
 import { PropagationError } from "../../errors.js";
 import type { IsolationLevel } from "../block/options.js";
 import { type Frame, isWithin } from "../scope.js";
+import type { SpanLike } from "../tracing/otel.js";
 
 /** A callback registered with `afterCommit`, `afterRollback` or `beforeCommit`. */
 export type SessionCallback = () => unknown;
@@ -45,6 +46,10 @@ export interface Level {
   /** The attempt (from 1) of a block run with `retry`, for the events. */
   readonly attempt: number | undefined;
   ended: "committed" | "rolledBack" | undefined;
+  /** With `tracing`: the level's span, while it is open. */
+  span: SpanLike | undefined;
+  /** What made the block that owns the level fail, for its span. */
+  failure: unknown;
 }
 
 /** What entering gives a block: the level it opened, or the one it joined. */
@@ -154,6 +159,8 @@ export class LevelStack {
       beforeCommit: undefined,
       rollbackOnly: undefined,
       ended: undefined,
+      span: undefined,
+      failure: undefined,
     };
     this.#levels.push(level);
     return { level, joined: false };

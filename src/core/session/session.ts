@@ -16,6 +16,7 @@ import type { IsolationLevel } from "../block/options.js";
 import type { SessionRegistry } from "../registry/registry.js";
 import { type Frame, type RequestEnd, scopeOf, storage } from "../scope.js";
 import { SessionState } from "./state.js";
+import type { SessionTrace } from "../tracing/session-trace.js";
 import { Transactions } from "./transactions.js";
 import { ViewCalls } from "./view-calls.js";
 
@@ -28,6 +29,8 @@ export interface SessionHost {
   readonly family: DriverFamily;
   /** The connection lease of single-connection drivers (SQLite), shared per DataSource. */
   readonly lease: Lease<Session> | undefined;
+  /** With `replicas` and TypeORM's `replication`: read-only blocks may run on replicas. */
+  readonly replicated: boolean;
   emit(event: "connect" | "begin" | "commit" | "rollback" | "close", session: Session, extra?: object): void;
   reportError(session: Session, error: unknown): void;
   closed(session: Session, durationMs: number): void;
@@ -80,6 +83,13 @@ export class Session {
   readonly name: string | undefined;
   /** The registry that created this session. */
   readonly registry: SessionRegistry;
+  /**
+   * Whether the session runs on a replica (a `readOnly` block with the registry's
+   * `replicas` option); `false` on the primary.
+   */
+  readonly replica: boolean;
+  /** @internal With `tracing` and a registered SDK: the session's spans, while it is open. */
+  _trace: SessionTrace | undefined = undefined;
 
   readonly #host: SessionHost;
   readonly #state: SessionState;
@@ -90,10 +100,11 @@ export class Session {
   #callerOwned: (() => void) | undefined;
 
   /** Sessions are created by registries, never directly. */
-  private constructor(registry: SessionRegistry, host: SessionHost, name: string | undefined) {
+  private constructor(registry: SessionRegistry, host: SessionHost, name: string | undefined, replica: boolean) {
     this.id = ++lastId;
     this.name = name;
     this.registry = registry;
+    this.replica = replica;
     this.#host = host;
     this.#stack = new LevelStack();
     this.#state = new SessionState(this, host, this.#stack);
@@ -113,8 +124,8 @@ export class Session {
   }
 
   /** @internal */
-  static _create(registry: SessionRegistry, host: SessionHost, name: string | undefined): Session {
-    return new Session(registry, host, name);
+  static _create(registry: SessionRegistry, host: SessionHost, name: string | undefined, replica = false): Session {
+    return new Session(registry, host, name, replica);
   }
 
   /** `session #id (name)`, as used in error messages. */
@@ -430,14 +441,22 @@ export class Session {
     return this.#parts?.gate.waitingForConnection ?? false;
   }
 
+  /** @internal Whether a transaction is open, the invisible one of useTransactionalTests() included. */
+  _inAnyTransaction(): boolean {
+    return this.#stack.size > 0;
+  }
+
   /** @internal Open a transaction level for a block running in `frame`, or join the open one. */
   _enter(frame: Frame | undefined, spec: LevelSpec): Promise<LevelHandle> {
     return this.#use().tx.enter(frame, spec);
   }
 
-  /** @internal End what {@link _enter} opened. Never rejects: failures come back as `error`. */
-  _exit(handle: LevelHandle, commit: boolean): Promise<LevelOutcome> {
-    return this.#use().tx.exit(handle, commit);
+  /**
+   * @internal End what {@link _enter} opened (`failure`: why its block failed). Never
+   * rejects: failures come back as `error`.
+   */
+  _exit(handle: LevelHandle, commit: boolean, failure?: unknown): Promise<LevelOutcome> {
+    return this.#use().tx.exit(handle, commit, failure);
   }
 
   /** @internal A block's body has resolved: run the `beforeCommit` callbacks of its outermost COMMIT. */

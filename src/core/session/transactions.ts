@@ -2,7 +2,7 @@ import { PropagationError, TransactionNotActiveError } from "../../errors.js";
 import { TransactionSql } from "./control.js";
 import type { ConnectionGate } from "./gate.js";
 import type { Handle, Level, LevelHandle, LevelOutcome, LevelSpec, LevelStack, SessionCallback } from "./levels.js";
-import { type Frame, storage } from "../scope.js";
+import { type Frame, markWrote, storage } from "../scope.js";
 import type { Session, SessionHost } from "./session.js";
 import type { SessionState } from "./state.js";
 
@@ -64,9 +64,10 @@ export class Transactions {
    * End what {@link enter} opened: commit (or release the savepoint) or roll back. A
    * join ends nothing. Never rejects: failures come back as `error`.
    */
-  async exit(handle: LevelHandle, commit: boolean): Promise<LevelOutcome> {
+  async exit(handle: LevelHandle, commit: boolean, failure?: unknown): Promise<LevelOutcome> {
     const { level, joined } = handle as Handle;
     if (joined) return { callbacks: [] };
+    if (failure !== undefined) level.failure = failure;
     const state = this.#state;
     if (level.ended !== undefined || level.ending !== undefined) {
       // Ended, or being ended by the session closing: wait for that, never end it twice.
@@ -147,6 +148,8 @@ export class Transactions {
           `${String(this.session)}: the transaction this savepoint belongs to failed to begin.`,
         );
       }
+      // The span first, so that the BEGIN's own statement span nests under it.
+      this.session._trace?.begin(level);
       const starting = (async () => {
         if (level.savepoint) await this.sql.call("startTransaction");
         else await this.sql.begin(spec.isolation, spec.readOnly, spec.invisible === true);
@@ -160,6 +163,7 @@ export class Transactions {
         if (this.starting === settled) this.starting = undefined;
       }
     } catch (error) {
+      this.session._trace?.end(level, false, error);
       if (level.ended === undefined) this.#stack.pop(level, "rolledBack");
       if (held) lease!.release(this.session);
       this.#state.wake();
@@ -201,14 +205,14 @@ export class Transactions {
       // A failed COMMIT leaves the connection in an unknown state: never reuse it.
       this.#stack.pop(level, "rolledBack");
       await this.discard(error);
-      this.#ended("rollback", { error, durationMs: since(level), attempt: level.attempt });
+      this.#ended(level, "rollback", { error, durationMs: since(level), attempt: level.attempt });
       return { callbacks: level.afterRollback ?? [], error };
     }
     this.#stack.pop(level, "committed");
     const parent = this.#stack.top;
     if (parent?.invisible === true) {
       // Outermost to the code under test: its callbacks run now (or are dropped on request).
-      this.#ended("commit", { savepoint: true, durationMs: since(level) });
+      this.#ended(level, "commit", { savepoint: true, durationMs: since(level) });
       return { callbacks: parent.runAfterCommit ? (level.afterCommit ?? []) : [] };
     }
     if (level.savepoint && parent !== undefined) {
@@ -216,9 +220,13 @@ export class Transactions {
       if (level.afterRollback) (parent.afterRollback ??= []).push(...level.afterRollback);
       if (level.beforeCommit) (parent.beforeCommit ??= []).push(...level.beforeCommit);
     } else {
+      // With `replicas`: the scope has written on the primary, and reads its own writes from now on.
+      if (this.#host.replicated && !level.readOnly && !this.session.replica) {
+        markWrote(storage.getStore(), this.session.registry);
+      }
       await this.#endOutermost(level);
     }
-    this.#ended("commit", { savepoint: level.savepoint, durationMs: since(level), attempt: level.attempt });
+    this.#ended(level, "commit", { savepoint: level.savepoint, durationMs: since(level), attempt: level.attempt });
     return { callbacks: level.savepoint ? [] : (level.afterCommit ?? []) };
   }
 
@@ -238,12 +246,17 @@ export class Transactions {
       this.#stack.pop(level, "rolledBack");
       if (!level.savepoint) await this.#endOutermost(level);
     }
-    this.#ended("rollback", { savepoint: level.savepoint, durationMs: since(level), attempt: level.attempt });
+    this.#ended(level, "rollback", { savepoint: level.savepoint, durationMs: since(level), attempt: level.attempt });
     return { callbacks: level.afterRollback ?? [] };
   }
 
-  /** Emit the end of a level and let waiting blocks run. */
-  #ended(event: "commit" | "rollback", payload: object): void {
+  /** Emit the end of a level, end its span, and let waiting blocks run. */
+  #ended(
+    level: Level,
+    event: "commit" | "rollback",
+    payload: { error?: unknown; savepoint?: boolean; durationMs: number; attempt?: number | undefined },
+  ): void {
+    this.session._trace?.end(level, event === "commit", payload.error ?? level.failure);
     this.#host.emit(event, this.session, payload);
     this.#state.wake();
   }

@@ -123,15 +123,28 @@ export async function cancelStatement(dataSource: DataSource, runner: QueryRunne
     postgres?: { Client: new (options: unknown) => PgClient };
     master?: { options?: unknown };
   };
-  const pid = (runner as unknown as { databaseConnection?: { processID?: number } }).databaseConnection?.processID;
-  if (driver.postgres === undefined || driver.master?.options === undefined || pid === undefined) return;
-  const client = new driver.postgres.Client(driver.master.options);
+  const { databaseConnection: connection, mode } = runner as unknown as {
+    databaseConnection?: { processID?: number; connectionParameters?: Record<string, unknown> };
+    mode?: string;
+  };
+  const pid = connection?.processID;
+  // A replica's backend is cancelled on that replica: the same pid on the primary is another backend.
+  const options = mode === "slave" ? replicaClientOptions(connection?.connectionParameters) : driver.master?.options;
+  if (driver.postgres === undefined || options === undefined || pid === undefined) return;
+  const client = new driver.postgres.Client(options);
   try {
     await client.connect();
     await client.query("SELECT pg_cancel_backend($1)", [pid]);
   } finally {
     await client.end().catch(() => undefined);
   }
+}
+
+/** What a pg client needs to reach the server a replica runner's connection is on. */
+function replicaClientOptions(parameters: Record<string, unknown> | undefined): object | undefined {
+  if (parameters === undefined) return undefined;
+  const { host, port, user, password, database, ssl } = parameters;
+  return { host, port, user, password, database, ssl };
 }
 
 interface PgClient {

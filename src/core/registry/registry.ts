@@ -62,7 +62,7 @@ export class SessionRegistry {
    * Create a registry; {@link createSessionRegistry} does the same and reads better.
    *
    * @param options - `dataSource` (or a function returning one), or `url` plus DataSource options;
-   *   `name`, `leakDetectionMs`; without a data source, call {@link configure} before first use
+   *   `name`, `leakDetectionMs`, `tracing`, `replicas`; without a data source, call {@link configure} before first use
    * @throws TypeError/RangeError on invalid options
    * @example
    * ```ts
@@ -131,7 +131,7 @@ export class SessionRegistry {
    * {@link drain} again. {@link configureSessions} does this for {@link defaultRegistry}.
    *
    * @param options - `dataSource` (or a function returning one), or `url` plus DataSource options;
-   *   `leakDetectionMs`. `name` is fixed when the registry is created and is not changed here
+   *   `leakDetectionMs`, `tracing`, `replicas`. `name` is fixed when the registry is created and is not changed here
    * @throws TypeError/RangeError on invalid options; with `url`, TypeORM's error when the driver
    *   package is not installed
    * @throws {@link RegistryBusyError} while sessions of this registry are open
@@ -528,7 +528,7 @@ export class SessionRegistry {
  * Create a registry. Several registries (several databases) live side by side.
  *
  * @param options - `dataSource` (or a function returning one), or `url` plus DataSource options;
- *   `name`, `leakDetectionMs`; without a data source, call {@link SessionRegistry.configure} before first use
+ *   `name`, `leakDetectionMs`, `tracing`, `replicas`; without a data source, call {@link SessionRegistry.configure} before first use
  * @throws TypeError/RangeError on invalid options; with `url`, TypeORM's error when the driver
  *   package (`pg`, `sqlite3`, `better-sqlite3`) is not installed
  * @example
@@ -548,7 +548,7 @@ export const defaultRegistry: SessionRegistry = new SessionRegistry({ name: "def
  * The same as `defaultRegistry.configure(options)`.
  *
  * @param options - `dataSource` (or a function returning one), or `url` plus DataSource options;
- *   `leakDetectionMs`
+ *   `leakDetectionMs`, `tracing`, `replicas`
  * @throws TypeError/RangeError on invalid options
  * @throws {@link RegistryBusyError} while its sessions are open
  * @example

@@ -8,7 +8,14 @@ import path from "node:path";
  * share the SDK registered in the process through a global.
  */
 
-/** Attribute values as OpenTelemetry takes them. */
+/**
+ * Span attributes as OpenTelemetry takes them.
+ *
+ * @example
+ * ```ts
+ * const attributes: TraceAttributes = { "db.system": "postgresql", "session.id": 7 };
+ * ```
+ */
 export type TraceAttributes = Record<string, string | number | boolean>;
 
 /**
@@ -59,7 +66,7 @@ export interface OtelApi {
   };
 }
 
-/** `SpanStatusCode.ERROR`. */
+/** @internal `SpanStatusCode.ERROR`. */
 export const STATUS_ERROR = 2;
 
 let loaded: OtelApi | null | undefined;

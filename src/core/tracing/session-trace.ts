@@ -5,7 +5,7 @@ import { type OtelApi, otelApi, STATUS_ERROR, type SpanLike, type TraceAttribute
 /** The name the library's tracer has when `tracing: true`. */
 const TRACER_NAME = "typeorm-scoped-session";
 
-/** What a traced transaction level carries (a `Level` of the session's stack). */
+/** @internal What a traced transaction level carries (a `Level` of the session's stack). */
 export interface TracedLevel {
   readonly savepoint: boolean;
   readonly attempt: number | undefined;

@@ -10,12 +10,16 @@
  * interrupted: an 'exit'/SIGINT/SIGTERM/SIGHUP handler kills it synchronously, and a small watchdog process
  * does the same as soon as the test process is gone, even after a SIGKILL (its stdin is a pipe from us).
  *
+ * `startPostgres({ replication: true })` starts a cluster that can be the primary of a streaming standby
+ * (see ./postgres-replica.ts); the default stays the fastest setup (wal_level=minimal, no WAL senders).
+ *
  * Set TSS_POSTGRES=0 to skip the PostgreSQL specs; PG_BIN_DIR to a directory holding `initdb` and `postgres`
  * to choose the binaries.
  */
 import "reflect-metadata";
 import { execFile, spawn, spawnSync, type ChildProcess } from "node:child_process";
 import {
+  appendFileSync,
   chownSync,
   closeSync,
   existsSync,
@@ -51,14 +55,40 @@ export interface PgServer {
   stop(): Promise<void>;
 }
 
-const HOST = "127.0.0.1";
-const USER = "postgres";
+/**
+ * How to start a cluster with {@link startPostgres}.
+ *
+ * @example
+ * const primary = await startPostgres({ replication: true });
+ */
+export interface StartPostgresOptions {
+  /**
+   * Make the cluster able to feed a streaming standby: wal_level=replica, max_wal_senders=5, hot_standby=on,
+   * and replication connections from 127.0.0.1 allowed (trust). Slower to write than the default. Default false.
+   */
+  readonly replication?: boolean;
+}
+
+/**
+ * The address every server listens on, and the superuser the specs connect as.
+ *
+ * @example
+ * const url = `postgres://${USER}@${HOST}:${port}/postgres`;
+ */
+export const HOST = "127.0.0.1";
+/** {@inheritDoc HOST} */
+export const USER = "postgres";
 const TEST_DATABASE = "tss_test";
 const READY_TIMEOUT_MS = 20_000;
 const INITDB_TIMEOUT_MS = 60_000;
 const STOP_TIMEOUT_MS = 10_000;
 
-/** A directory holding both `initdb` and `postgres`: PG_BIN_DIR, then PATH, then Debian's /usr/lib/postgresql/N/bin. */
+/**
+ * A directory holding both `initdb` and `postgres`: PG_BIN_DIR, then PATH, then Debian's /usr/lib/postgresql/N/bin.
+ *
+ * @example
+ * const binDir = findPostgresBinDir(); // "/usr/lib/postgresql/15/bin", or undefined
+ */
 export function findPostgresBinDir(): string | undefined {
   const has = (dir: string) => existsSync(join(dir, "initdb")) && existsSync(join(dir, "postgres"));
   const candidates: string[] = [];
@@ -75,21 +105,64 @@ export function findPostgresBinDir(): string | undefined {
   return candidates.find(has);
 }
 
-interface RunAs {
+/**
+ * The OS user the server tools run as: empty when we run them as ourselves.
+ *
+ * @example
+ * const runAs: RunAs = { uid: 101, gid: 104 }; // root running the tools as `postgres`
+ */
+export interface RunAs {
   uid?: number;
   gid?: number;
 }
 
+let runAsLookup: { result: RunAs | undefined } | undefined;
+
 /** As root: the uid/gid of the `postgres` OS user (undefined when there is none). Otherwise: run as we are. */
 function whoRunsPostgres(): RunAs | undefined {
   if (typeof process.getuid !== "function" || process.getuid() !== 0) return {};
+  // Asked once per process: a replicated pair needs the answer for each of its servers.
+  if (runAsLookup) return runAsLookup.result;
   const id = (flag: string) => {
     const r = spawnSync("id", [flag, USER], { encoding: "utf8", timeout: 5_000 });
     return r.status === 0 ? Number(r.stdout.trim()) : NaN;
   };
   const uid = id("-u");
   const gid = id("-g");
-  return Number.isInteger(uid) && Number.isInteger(gid) ? { uid, gid } : undefined;
+  runAsLookup = { result: Number.isInteger(uid) && Number.isInteger(gid) ? { uid, gid } : undefined };
+  return runAsLookup.result;
+}
+
+/**
+ * What starting a server here needs: where the binaries are, and as whom to run them.
+ *
+ * @example
+ * const { binDir, runAs }: PostgresPrerequisites = postgresPrerequisites()!;
+ */
+export interface PostgresPrerequisites {
+  readonly binDir: string;
+  readonly runAs: RunAs;
+}
+
+/**
+ * The binaries and the OS user for a server, or `undefined` (after printing one line why, once per process)
+ * when the PostgreSQL specs cannot run here.
+ *
+ * @example
+ * const pre = postgresPrerequisites();
+ * if (pre) console.log(join(pre.binDir, "pg_basebackup"));
+ */
+export function postgresPrerequisites(): PostgresPrerequisites | undefined {
+  if (process.env.TSS_POSTGRES === "0") return skip("TSS_POSTGRES=0");
+  const binDir = findPostgresBinDir();
+  if (!binDir) {
+    return skip(
+      "no `initdb`/`postgres` on PATH, in PG_BIN_DIR or in /usr/lib/postgresql/*/bin (apt-get install postgresql-15)",
+    );
+  }
+  const runAs = whoRunsPostgres();
+  if (!runAs) return skip(`running as root and there is no \`${USER}\` OS user to run the server as`);
+  return { binDir, runAs };
 }
 
 /** A port that was free a moment ago (bind port 0, read it, close). */
@@ -108,6 +181,30 @@ function freePort(): Promise<number> {
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 
+/**
+ * The `-c` settings of a server: made for throwaway test data (no fsync, no autovacuum). With `replication`
+ * it writes enough WAL for, and accepts, streaming standbys; a standby gets the same settings, since hot
+ * standby refuses to run with fewer WAL senders than its primary.
+ *
+ * @example
+ * serverSettings(true); // [..., "wal_level=replica", "max_wal_senders=5", "hot_standby=on", ...]
+ */
+export function serverSettings(replication: boolean): string[] {
+  return [
+    "max_connections=100",
+    "shared_buffers=16MB",
+    "fsync=off",
+    "synchronous_commit=off",
+    "full_page_writes=off",
+    ...(replication
+      ? ["wal_level=replica", "max_wal_senders=5", "hot_standby=on"]
+      : ["wal_level=minimal", "max_wal_senders=0"]),
+    "autovacuum=off",
+    "log_min_messages=warning",
+    "log_destination=stderr",
+  ];
+}
+
 /** The environment for initdb and postgres: ours without PG* variables, with the C locale. */
 function serverEnv(): NodeJS.ProcessEnv {
   const env: NodeJS.ProcessEnv = {};
@@ -123,8 +220,13 @@ function logTail(dir: string, lines = 15): string {
   }
 }
 
-/** A temporary directory the server's user can reach; short, since the socket path must fit in 107 bytes. */
-function makeTempDir(runAs: RunAs): string {
+/**
+ * A temporary directory the server's user can reach; short, since the socket path must fit in 107 bytes.
+ *
+ * @example
+ * const dir = makeTempDir(pre.runAs); // "/tmp/tss-pg-AbC123", owned by the server's user
+ */
+export function makeTempDir(runAs: RunAs): string {
   let base = tmpdir();
   // The postgres user must be able to traverse the parent; the socket path "<dir>/.s.PGSQL.NNNNN" must be short.
   const traversable = runAs.uid === undefined || (statSync(base).mode & 0o001) !== 0;
@@ -134,7 +236,13 @@ function makeTempDir(runAs: RunAs): string {
   return dir;
 }
 
-function execFileBounded(file: string, args: string[], runAs: RunAs, timeout: number): Promise<void> {
+/**
+ * Run a server tool (initdb, pg_basebackup) as the server's user, bounded by `timeout` ms; rejects with its output.
+ *
+ * @example
+ * await execFileBounded(join(binDir, "pg_basebackup"), ["--version"], runAs, 5_000);
+ */
+export function execFileBounded(file: string, args: string[], runAs: RunAs, timeout: number): Promise<void> {
   return new Promise((resolve, reject) => {
     execFile(file, args, { ...runAs, env: serverEnv(), timeout, cwd: "/" }, (error, stdout, stderr) => {
       if (error) reject(new Error(`${file} failed: ${error.message}\n${String(stdout)}${String(stderr)}`));
@@ -146,7 +254,13 @@ function execFileBounded(file: string, args: string[], runAs: RunAs, timeout: nu
 // ---------------------------------------------------------------------------------------------------------
 // Clean-up when the process goes away without stop(): every live server is registered here.
 
-interface Live {
+/**
+ * One running server, known to the clean-up at exit (see {@link launchServer}).
+ *
+ * @example
+ * const { entry }: { entry: Live } = await launchServer(binDir, runAs, dir, serverSettings(false));
+ */
+export interface Live {
   child: ChildProcess;
   watchdog: ChildProcess | undefined;
   dir: string;
@@ -276,17 +390,20 @@ function skip(reason: string): undefined {
 /**
  * Start a throwaway cluster. Resolves `undefined` (after printing one line why) when PostgreSQL is not
  * available here; rejects when it is available but fails to start.
+ *
+ * @example
+ * const server = await startPostgres();
+ * if (server) {
+ *   const url = await server.createDatabase("orders");
+ *   // ...
+ *   await server.stop();
+ * }
  */
-export async function startPostgres(): Promise<PgServer | undefined> {
-  if (process.env.TSS_POSTGRES === "0") return skip("TSS_POSTGRES=0");
-  const binDir = findPostgresBinDir();
-  if (!binDir) {
-    return skip(
-      "no `initdb`/`postgres` on PATH, in PG_BIN_DIR or in /usr/lib/postgresql/*/bin (apt-get install postgresql-15)",
-    );
-  }
-  const runAs = whoRunsPostgres();
-  if (!runAs) return skip(`running as root and there is no \`${USER}\` OS user to run the server as`);
+export async function startPostgres(options: StartPostgresOptions = {}): Promise<PgServer | undefined> {
+  const pre = postgresPrerequisites();
+  if (!pre) return undefined;
+  const { binDir, runAs } = pre;
+  const replication = options.replication === true;
 
   const dir = makeTempDir(runAs);
   const dataDir = join(dir, "data");
@@ -298,11 +415,38 @@ export async function startPostgres(): Promise<PgServer | undefined> {
       runAs,
       INITDB_TIMEOUT_MS,
     );
+    if (replication) allowReplicationFromLocalhost(dataDir);
   } catch (error) {
     rmSync(dir, { recursive: true, force: true });
     throw error;
   }
+  const { entry, port } = await launchServer(binDir, runAs, dir, serverSettings(replication));
+  return makeServer(entry, port);
+}
 
+/** initdb's `-A trust` pg_hba.conf already has this line (PostgreSQL 10+); add it where it does not. */
+function allowReplicationFromLocalhost(dataDir: string): void {
+  const hba = join(dataDir, "pg_hba.conf");
+  const line = /^\s*host\s+replication\s+all\s+127\.0\.0\.1\/32\s+trust\s*$/m;
+  if (!line.test(readFileSync(hba, "utf8"))) appendFileSync(hba, `\nhost replication all ${HOST}/32 trust\n`);
+}
+
+/**
+ * Start `postgres` on the data directory `<dir>/data` (made by initdb or pg_basebackup) on 127.0.0.1 and a
+ * free port, registered for the clean-up at exit, and wait until it answers. On failure the server is
+ * down and `dir` removed.
+ *
+ * @example
+ * const { entry, port } = await launchServer(binDir, runAs, dir, serverSettings(true));
+ */
+export async function launchServer(
+  binDir: string,
+  runAs: RunAs,
+  dir: string,
+  settings: readonly string[],
+): Promise<{ entry: Live; port: number }> {
+  installExitHandlers();
+  const dataDir = join(dir, "data");
   // The free port can be taken between our probe and the server's bind: try a few.
   let lastError: unknown;
   for (let attempt = 0; attempt < 3; attempt++) {
@@ -318,16 +462,7 @@ export async function startPostgres(): Promise<PgServer | undefined> {
           "-p", String(port),
           "-k", dir,
           "-c", `listen_addresses=${HOST}`,
-          "-c", "max_connections=100",
-          "-c", "shared_buffers=16MB",
-          "-c", "fsync=off",
-          "-c", "synchronous_commit=off",
-          "-c", "full_page_writes=off",
-          "-c", "wal_level=minimal",
-          "-c", "max_wal_senders=0",
-          "-c", "autovacuum=off",
-          "-c", "log_min_messages=warning",
-          "-c", "log_destination=stderr",
+          ...settings.flatMap((setting) => ["-c", setting]),
         ], // prettier-ignore
         { ...runAs, env: serverEnv(), cwd: "/", stdio: ["ignore", log, log], detached: true },
       );
@@ -349,7 +484,7 @@ export async function startPostgres(): Promise<PgServer | undefined> {
       rmSync(dir, { recursive: true, force: true });
       throw error;
     }
-    return makeServer(entry, port);
+    return { entry, port };
   }
   rmSync(dir, { recursive: true, force: true });
   throw lastError instanceof Error ? lastError : new Error(String(lastError));
@@ -379,8 +514,32 @@ async function shutdown(entry: Live): Promise<void> {
   await waitExit(child, 2_000);
 }
 
-async function makeServer(entry: Live, port: number): Promise<PgServer> {
-  const urlOf = (database: string) => `postgres://${USER}@${HOST}:${port}/${database}`;
+/**
+ * A running server as the specs use it, without anything that needs it to be writable (see {@link serverHandle}).
+ *
+ * @example
+ * const handle: ServerHandle = serverHandle(entry, port);
+ */
+export interface ServerHandle {
+  readonly host: string;
+  readonly port: number;
+  readonly dir: string;
+  /** `postgres://postgres@127.0.0.1:PORT/<database>`. */
+  urlOf(database: string): string;
+  adminQuery: PgServer["adminQuery"];
+  /** Close the admin pool, stop the server (immediate shutdown, bounded), remove its directory. Idempotent. */
+  stop(): Promise<void>;
+}
+
+/**
+ * The admin pool and the stop() of a server started by {@link launchServer}. Works on a standby as well.
+ *
+ * @example
+ * const handle = serverHandle(entry, port);
+ * await handle.adminQuery("SELECT pg_is_in_recovery()");
+ * await handle.stop();
+ */
+export function serverHandle(entry: Live, port: number): ServerHandle {
   // Admin connections: few, and never keeping the process alive when idle.
   const admin = new pg.Pool({
     host: HOST,
@@ -396,6 +555,25 @@ async function makeServer(entry: Live, port: number): Promise<PgServer> {
   const adminQuery = async <R extends Record<string, unknown>>(sql: string, params?: unknown[]) =>
     (await admin.query<R>(sql, params)).rows;
 
+  let stopping: Promise<void> | undefined;
+  return {
+    host: HOST,
+    port,
+    dir: entry.dir,
+    urlOf: (database) => `postgres://${USER}@${HOST}:${port}/${database}`,
+    adminQuery,
+    stop: () =>
+      (stopping ??= (async () => {
+        await Promise.race([admin.end().catch(() => {}), sleep(2_000)]);
+        await shutdown(entry);
+        rmSync(entry.dir, { recursive: true, force: true, maxRetries: 5, retryDelay: 100 });
+      })()),
+  };
+}
+
+async function makeServer(entry: Live, port: number): Promise<PgServer> {
+  const { urlOf, adminQuery, stop } = serverHandle(entry, port);
+
   let counter = 0;
   const createDatabase = async (name = "db") => {
     const base =
@@ -408,9 +586,13 @@ async function makeServer(entry: Live, port: number): Promise<PgServer> {
     return urlOf(database);
   };
 
-  await adminQuery(`CREATE DATABASE "${TEST_DATABASE}" TEMPLATE template0`);
+  try {
+    await adminQuery(`CREATE DATABASE "${TEST_DATABASE}" TEMPLATE template0`);
+  } catch (error) {
+    await stop();
+    throw error;
+  }
 
-  let stopping: Promise<void> | undefined;
   return {
     url: urlOf(TEST_DATABASE),
     host: HOST,
@@ -419,12 +601,7 @@ async function makeServer(entry: Live, port: number): Promise<PgServer> {
     dir: entry.dir,
     createDatabase,
     adminQuery,
-    stop: () =>
-      (stopping ??= (async () => {
-        await Promise.race([admin.end().catch(() => {}), sleep(2_000)]);
-        await shutdown(entry);
-        rmSync(entry.dir, { recursive: true, force: true, maxRetries: 5, retryDelay: 100 });
-      })()),
+    stop,
   };
 }
 

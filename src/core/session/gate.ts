@@ -95,7 +95,10 @@ export class ConnectionGate {
     if (this.releasing !== undefined) return this.releasing.then(() => this.connect());
     if (this.connected === false) {
       const connecting = (async () => {
-        await this.real!.connect();
+        // Traced: the pool's and driver's connect spans nest under the session's span too.
+        const trace = this.#session._trace;
+        const real = this.real!;
+        await (trace === undefined ? real.connect() : trace.run(connectRunner, real));
         this.connected = true;
         this.#host.emit("connect", this.#session);
       })();
@@ -353,4 +356,9 @@ function callQuery(
   structured: boolean,
 ): Promise<unknown> {
   return (real.query as AnyQuery).call(target, sql, parameters, structured);
+}
+
+/** `real.connect()`, for {@link SessionTrace.run} to call without a closure. */
+function connectRunner(real: QueryRunner): Promise<unknown> {
+  return real.connect() as Promise<unknown>;
 }

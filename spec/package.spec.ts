@@ -16,10 +16,11 @@ describe("the published package", function () {
     installed = join(packed.dir, "node_modules", "typeorm-scoped-session");
   });
 
-  it("declares its peers, the framework and job-queue ones optional", () => {
+  it("declares its peers, the framework, job-queue and tracing ones optional", () => {
     expect(Object.keys(manifest.peerDependencies).sort()).to.deep.equal([
       "@nestjs/common",
       "@nestjs/core",
+      "@opentelemetry/api",
       "bullmq",
       "express",
       "fastify",
@@ -35,6 +36,7 @@ describe("the published package", function () {
     expect(optional.sort()).to.deep.equal([
       "@nestjs/common",
       "@nestjs/core",
+      "@opentelemetry/api",
       "bullmq",
       "express",
       "fastify",

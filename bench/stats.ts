@@ -8,12 +8,27 @@ export function median(values: readonly number[]): number {
   return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
 }
 
-/** Median of the per-round ratios `a[i] / b[i]`: paired, so that drift between rounds cancels out. */
-export function pairedRatio(a: readonly number[], b: readonly number[]): number {
+/** The per-round ratios `a[i] / b[i]`. */
+export function pairedRatios(a: readonly number[], b: readonly number[]): number[] {
   const n = Math.min(a.length, b.length);
   const ratios: number[] = [];
   for (let i = 0; i < n; i++) ratios.push(a[i]! / b[i]!);
-  return median(ratios);
+  return ratios;
+}
+
+/** Median of the per-round ratios `a[i] / b[i]`: paired, so that drift between rounds cancels out. */
+export function pairedRatio(a: readonly number[], b: readonly number[]): number {
+  return median(pairedRatios(a, b));
+}
+
+/** The `q` quantile (0..1) of the finite values, linearly interpolated between order statistics. */
+export function quantile(values: readonly number[], q: number): number {
+  const sorted = values.filter((v) => Number.isFinite(v)).sort((x, y) => x - y);
+  if (sorted.length === 0) return NaN;
+  const at = Math.min(1, Math.max(0, q)) * (sorted.length - 1);
+  const below = Math.floor(at);
+  const above = Math.min(sorted.length - 1, below + 1);
+  return sorted[below]! + (sorted[above]! - sorted[below]!) * (at - below);
 }
 
 /** Median of the per-round differences `a[i] - b[i]`. */

@@ -21,14 +21,27 @@ export function pairedRatio(a: readonly number[], b: readonly number[]): number 
   return median(pairedRatios(a, b));
 }
 
-/** The `q` quantile (0..1) of the finite values, linearly interpolated between order statistics. */
-export function quantile(values: readonly number[], q: number): number {
+/**
+ * A distribution-free confidence interval for the median (default 95 %): the order statistics `k` and `n + 1 − k`
+ * with the largest `k` such that a binomial(n, ½) count falls below `k` with probability at most `(1 − level) / 2`.
+ * With few values it widens to [min, max] (for 3 values its coverage is only 75 %).
+ */
+export function medianInterval(values: readonly number[], level = 0.95): { lo: number; hi: number } {
   const sorted = values.filter((v) => Number.isFinite(v)).sort((x, y) => x - y);
-  if (sorted.length === 0) return NaN;
-  const at = Math.min(1, Math.max(0, q)) * (sorted.length - 1);
-  const below = Math.floor(at);
-  const above = Math.min(sorted.length - 1, below + 1);
-  return sorted[below]! + (sorted[above]! - sorted[below]!) * (at - below);
+  const n = sorted.length;
+  if (n === 0) return { lo: NaN, hi: NaN };
+  // P(count ≤ j) for count ~ binomial(n, ½), accumulated term by term (n is a few dozen here).
+  let term = 0.5 ** n;
+  let below = 0;
+  let k = 1;
+  for (let j = 0; j < n; j++) {
+    below += term; // P(count ≤ j): [x_(j+1), x_(n−j)] misses the median at most twice this often
+    if (below > (1 - level) / 2) break;
+    k = j + 1;
+    term = (term * (n - j)) / (j + 1);
+  }
+  k = Math.min(k, (n + 1) >> 1);
+  return { lo: sorted[k - 1]!, hi: sorted[n - k]! };
 }
 
 /** Median of the per-round differences `a[i] - b[i]`. */

@@ -14,7 +14,7 @@ import "reflect-metadata";
 import { DataSource, type DataSourceOptions, type EntityManager } from "typeorm";
 import { createSessionRegistry, type SessionRegistry } from "../src/index.js";
 import { BenchNote } from "./entities.js";
-import { calibrate, fmtRatio, fmtUs, median, pairedRatio, pairedRatios, quantile, rotate, table, timeSerial } from "./stats.js"; // prettier-ignore
+import { calibrate, fmtRatio, fmtUs, median, pairedRatio, pairedRatios, medianInterval, rotate, table, timeSerial } from "./stats.js"; // prettier-ignore
 
 /** `plain`: no SDK in the process; `sdk`: the in-memory SDK registered before anything runs. */
 export type TracingChild = "plain" | "sdk";
@@ -217,13 +217,17 @@ function fmtPct(ratio: number): string {
 }
 
 /**
- * `time of a / time of b − 1` as the median of the per-round ratios, with the interquartile range of those
- * ratios as the noise band, and whether the band holds 0 (no difference told apart from the noise).
+ * `time of a / time of b − 1` as the median of the per-round ratios, with the 95 % confidence interval of that
+ * median as the noise band, and whether the band holds 0 (no difference told apart from the noise).
+ *
+ * @example
+ * ```ts
+ * relativeCost([10.1, 10.3, 9.9], [10, 10, 10]).text; // "+1.0 % [−1.0 %, +3.0 %]"
+ * ```
  */
 export function relativeCost(a: readonly number[], b: readonly number[]): { text: string; withinNoise: boolean } {
   const ratios = pairedRatios(a, b);
-  const lo = quantile(ratios, 0.25);
-  const hi = quantile(ratios, 0.75);
+  const { lo, hi } = medianInterval(ratios);
   const text = `${fmtPct(median(ratios))} [${fmtPct(lo)}, ${fmtPct(hi)}]`;
   return { text, withinNoise: lo <= 1 && 1 <= hi };
 }
@@ -240,8 +244,9 @@ export function tracingReport(runs: readonly TracingRun[], backends: readonly st
       `exporter is emptied every ${RESET_EVERY} blocks). Each measures the floor, a registry without ` +
       `\`tracing\` and one with \`tracing: true\` in ${rounds} interleaved rounds. SQLite: in memory, a database per ` +
       "DataSource. × floor: median of the per-round floor time / time, against the floor of the same process " +
-      "(higher is better). vs off: median of the per-round time / off's time − 1, in the same process, with the interquartile range of those per-round " +
-      "ratios as the noise band (within noise: the band holds 0).",
+      "(higher is better). vs off: median of the per-round time / off's time − 1, in the same process, with the " +
+      "95 % confidence interval of that median (distribution-free, from the order statistics of the per-round " +
+      "ratios; [min, max] of 3 rounds under --quick) as the noise band; within noise: the band holds 0.",
   );
   const spans = runs.find((r) => r.sdk?.spansPerBlock !== undefined)?.sdk?.spansPerBlock;
   if (spans !== undefined) {

@@ -8,10 +8,13 @@ import { initializeTransactionalContext, StorageDriver } from "typeorm-transacti
 import { openBackend, type Backend } from "./backends.js";
 import { runHttp, type HttpOptions, type HttpSamples } from "./http.js";
 import { runInProcess } from "./inprocess.js";
+import { runTracing, type TracingChild, type TracingReply } from "./tracing.js";
 
 export interface MeasureRequest {
-  /** `blocks`: the in-process table; `http`: the Express table. */
-  readonly part: "blocks" | "http";
+  /** `blocks`: the in-process table; `http`: the Express table; `tracing`: the cost of the `tracing` option. */
+  readonly part: "blocks" | "http" | "tracing";
+  /** With `part: "tracing"`: whether this child registers the in-memory OpenTelemetry SDK (`sdk`). */
+  readonly tracing?: TracingChild;
   readonly sqliteFile: string;
   /** Absent: PostgreSQL is skipped. */
   readonly pgUrl?: string;
@@ -27,12 +30,20 @@ export interface MeasureReply {
   readonly samples?: [string, number[]][];
   /** The HTTP results (`HttpResults` as entries). */
   readonly http?: [string, HttpSamples][];
+  readonly tracing?: TracingReply;
   readonly error?: string;
 }
 
 const log = (line: string) => console.error(`  [node ${process.version}] ${line.trimStart()}`);
 
 async function main(request: MeasureRequest): Promise<MeasureReply> {
+  if (request.part === "tracing") {
+    // Its own DataSources (SQLite in memory, and the bench's PostgreSQL); typeorm-transactional is not involved.
+    const child = request.tracing ?? "plain";
+    log(`tracing (${child === "sdk" ? "in-memory SDK registered" : "no SDK"}): ${request.rounds} rounds`);
+    const options = { rounds: request.rounds, batchMs: request.batchMs };
+    return { node: process.version, tracing: await runTracing(child, request.pgUrl, options, log) };
+  }
   // Both AsyncLocalStorages (ours and typeorm-transactional's) are enabled for every row, the floor's too.
   initializeTransactionalContext({ storageDriver: StorageDriver.ASYNC_LOCAL_STORAGE });
   const backends: Backend[] = [];

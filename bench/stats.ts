@@ -8,12 +8,40 @@ export function median(values: readonly number[]): number {
   return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
 }
 
-/** Median of the per-round ratios `a[i] / b[i]`: paired, so that drift between rounds cancels out. */
-export function pairedRatio(a: readonly number[], b: readonly number[]): number {
+/** The per-round ratios `a[i] / b[i]`. */
+export function pairedRatios(a: readonly number[], b: readonly number[]): number[] {
   const n = Math.min(a.length, b.length);
   const ratios: number[] = [];
   for (let i = 0; i < n; i++) ratios.push(a[i]! / b[i]!);
-  return median(ratios);
+  return ratios;
+}
+
+/** Median of the per-round ratios `a[i] / b[i]`: paired, so that drift between rounds cancels out. */
+export function pairedRatio(a: readonly number[], b: readonly number[]): number {
+  return median(pairedRatios(a, b));
+}
+
+/**
+ * A distribution-free confidence interval for the median (default 95 %): the order statistics `k` and `n + 1 − k`
+ * with the largest `k` such that a binomial(n, ½) count falls below `k` with probability at most `(1 − level) / 2`.
+ * With few values it widens to [min, max] (for 3 values its coverage is only 75 %).
+ */
+export function medianInterval(values: readonly number[], level = 0.95): { lo: number; hi: number } {
+  const sorted = values.filter((v) => Number.isFinite(v)).sort((x, y) => x - y);
+  const n = sorted.length;
+  if (n === 0) return { lo: NaN, hi: NaN };
+  // P(count ≤ j) for count ~ binomial(n, ½), accumulated term by term (n is a few dozen here).
+  let term = 0.5 ** n;
+  let below = 0;
+  let k = 1;
+  for (let j = 0; j < n; j++) {
+    below += term; // P(count ≤ j): [x_(j+1), x_(n−j)] misses the median at most twice this often
+    if (below > (1 - level) / 2) break;
+    k = j + 1;
+    term = (term * (n - j)) / (j + 1);
+  }
+  k = Math.min(k, (n + 1) >> 1);
+  return { lo: sorted[k - 1]!, hi: sorted[n - k]! };
 }
 
 /** Median of the per-round differences `a[i] - b[i]`. */

@@ -21,7 +21,7 @@ export interface CommonRegistryOptions {
   leakDetectionMs?: number;
   /**
    * OpenTelemetry spans through `@opentelemetry/api` (an optional peer): a span per
-   * session (`session <name>`), with a child span per transaction (`transaction`) and
+   * session (`session <name>`, `session` when unnamed), with a child span per transaction (`transaction`) and
    * savepoint (`savepoint`), `retry` and `rollback` events, the error status when a
    * block rejects, and the attributes `db.system`, `db.namespace` and `session.id`.
    * Statements run with the innermost of these spans active, so the spans of TypeORM's
@@ -36,6 +36,9 @@ export interface CommonRegistryOptions {
    * `readOnly` block that is not nested in an open transaction runs on a session of its
    * own on a replica (as if it had `propagation: "requiresNew"`), until its scope has
    * written on the primary; everything else uses the primary. No effect without `replication`.
+   * Read-your-writes holds inside one scope only: a read-only block in a scope that has not
+   * written may read data older than another request's commit (replica lag), and writes
+   * through `dataSource.manager` are not tracked.
    * @default false
    */
   replicas?: boolean;

@@ -15,8 +15,8 @@ export interface TracedLevel {
 /**
  * @internal A registry's `tracing` option, resolved: it starts a span for each new session
  * while an OpenTelemetry SDK is registered (or with the given tracer), and nothing otherwise.
- * Without `@opentelemetry/api` installed, or with no SDK registered, a session costs one
- * property read here.
+ * Without `@opentelemetry/api` installed there is no `Tracing` at all; with no SDK registered,
+ * a session costs one look-up of the registered SDK (about 20 ns).
  */
 export class Tracing {
   readonly #api: OtelApi;

@@ -17,7 +17,7 @@ import { sessionMiddleware } from "../src/integrations/express.js";
 import { Account, Note } from "./support/entities.js";
 import { idle, listen, send, within } from "./support/http.js";
 import { startReplicatedPostgres, type ReplicatedPg } from "./support/postgres-replica.js";
-import { rejectionOf } from "./support/util.js";
+import { deferred, rejectionOf } from "./support/util.js";
 
 const ENTITIES = [Note, Account];
 // Marks this suite's connections in pg_stat_activity, on both servers.
@@ -342,16 +342,17 @@ describe("read replicas (replicas: true, TypeORM replication)", function () {
         expect(await reg.withTransaction(where, { readOnly: true, propagation: "requiresNew" })).to.include(ON_PRIMARY);
       });
     });
-    it("detached() readOnly runs on the standby, even from an open transaction; from a scope that has written, on the primary in a session of its own", async () => {
+    it("detached() readOnly runs on the standby; nested in an open transaction, or from a scope that has written, on the primary in a session of its own", async () => {
       expect(await reg.detached(where, { readOnly: true })).to.include(ON_STANDBY);
       await reg.scope(async () => {
         const own = reg.current();
-        // A detached block never joins: the open transaction of the scope does not keep it on the primary.
+        // Nested in an open transaction: the primary, as the contract says, though a detached block never joins.
         const fromTransaction = await reg.withTransaction(() => reg.detached(where, { readOnly: true }), {
           readOnly: true,
           propagation: "mandatory",
         });
-        expect(fromTransaction).to.include(ON_STANDBY);
+        expect(fromTransaction).to.include(ON_PRIMARY);
+        expect(fromTransaction.id).to.not.equal(own.id);
         await own.query("INSERT INTO notes (body) VALUES ('detached-after-write')");
         const afterWrite = await reg.detached(where, { readOnly: true });
         expect(afterWrite).to.include(ON_PRIMARY);
@@ -487,6 +488,30 @@ describe("read replicas (replicas: true, TypeORM replication)", function () {
         `pg_sleep still running on the standby (pid ${pid}) ${Date.now() - started} ms after the start`,
       ).to.equal(0);
       await within(idle(reg), "the timed-out session to close");
+    });
+  });
+
+  describe("11. what stays on the primary besides", () => {
+    it("a readOnly SERIALIZABLE block, which a PostgreSQL hot standby cannot run", async () => {
+      const at = await reg.withTransaction(where, { readOnly: true, isolation: "SERIALIZABLE" });
+      expect(at).to.include(ON_PRIMARY);
+      expect(await reg.withTransaction(where, { readOnly: true, isolation: "REPEATABLE READ" })).to.include(ON_STANDBY);
+    });
+
+    it("a readOnly block of work accepted before drain() began: it runs (on the primary) instead of being refused", async () => {
+      const own = createSessionRegistry({ dataSource: ds, replicas: true, name: "draining" });
+      const inScope = deferred();
+      const drainStarted = deferred();
+      const scoped = own.scope(async () => {
+        inScope.resolve();
+        await drainStarted.promise;
+        return own.withTransaction(where, { readOnly: true });
+      });
+      await inScope.promise;
+      const draining = own.drain({ timeoutMs: 10_000 });
+      drainStarted.resolve();
+      expect(await scoped).to.include(ON_PRIMARY);
+      expect((await draining).forced).to.equal(0);
     });
   });
 

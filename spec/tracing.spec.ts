@@ -14,6 +14,8 @@ import {
   BasicTracerProvider,
   InMemorySpanExporter,
   type ReadableSpan,
+  type Sampler,
+  SamplingDecision,
   SimpleSpanProcessor,
 } from "@opentelemetry/sdk-trace-base";
 import { NodeTracerProvider } from "@opentelemetry/sdk-trace-node";
@@ -81,9 +83,9 @@ interface Sdk {
 let installed: Sdk | undefined;
 
 /** NodeTracerProvider (with its AsyncLocalStorage context manager) and an in-memory exporter, registered. */
-function registerSdk(): Sdk {
+function registerSdk(sampler?: Sampler): Sdk {
   const exporter = new InMemorySpanExporter();
-  const provider = new NodeTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
+  const provider = new NodeTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)], sampler });
   provider.register();
   installed = { exporter, provider };
   return installed;
@@ -265,6 +267,95 @@ function suite(db: () => TracedDb): void {
       expect(event(transaction, "rollback")?.attributes ?? {}).to.deep.equal({});
       expect(transaction.status.code).to.equal(SpanStatusCode.UNSET);
       expect(parentOf(transaction)).to.equal(idOf(only(exporter, "session")));
+    });
+  });
+
+  describe("sessions that fail from outside their body", () => {
+    it("a block past its timeoutMs: the session's span and the transaction it rolled back get ERROR with the timeout", async () => {
+      const { exporter } = registerSdk();
+      const reg = registry({ tracing: true });
+      const never = deferred();
+      const failed = reg.withTransaction(
+        async (s) => {
+          await s.query("SELECT 1");
+          await never.promise;
+        },
+        { name: "slow", timeoutMs: 50 },
+      );
+      const error = (await failed.catch((e: unknown) => e)) as Error;
+      expect(error.name).to.equal("SessionTimeoutError");
+      never.resolve();
+      const session = only(exporter, "session slow");
+      expect(session.status).to.deep.equal({ code: SpanStatusCode.ERROR, message: error.message });
+      const transaction = only(exporter, "transaction");
+      expect(transaction.status.code).to.equal(SpanStatusCode.ERROR);
+      expect(event(transaction, "rollback")?.attributes).to.deep.equal({ "exception.message": error.message });
+    });
+
+    it("a block force-closed by drain(): its session's span gets ERROR", async () => {
+      const { exporter } = registerSdk();
+      const reg = registry({ tracing: true });
+      const started = deferred();
+      const never = deferred();
+      const failed = reg.withTransaction(
+        async (s) => {
+          await s.query("SELECT 1");
+          started.resolve();
+          await never.promise;
+        },
+        { name: "stuck" },
+      );
+      await started.promise;
+      const result = await reg.drain({ timeoutMs: 20 });
+      expect(result.forced).to.equal(1);
+      const error = await failed.catch((e: unknown) => e);
+      expect(error).to.be.instanceOf(Error);
+      never.resolve();
+      expect(only(exporter, "session stuck").status.code).to.equal(SpanStatusCode.ERROR);
+      expect(only(exporter, "transaction").status.code).to.equal(SpanStatusCode.ERROR);
+    });
+
+    it("a transaction rolled back instead of committed (an inner savepoint: false block failed, its error caught): ERROR", async () => {
+      const { exporter } = registerSdk();
+      const reg = registry({ tracing: true });
+      const failed = reg.withTransaction(async () => {
+        await reg
+          .withTransaction(() => Promise.reject(new Boom("inner")), { savepoint: false, name: "inner" })
+          .catch(() => {});
+      });
+      const error = (await failed.catch((e: unknown) => e)) as Error;
+      expect(error.name).to.equal("PropagationError");
+      const transaction = only(exporter, "transaction");
+      expect(transaction.status).to.deep.equal({ code: SpanStatusCode.ERROR, message: error.message });
+      expect(eventNames(transaction)).to.include("rollback");
+    });
+  });
+
+  describe("sampling", () => {
+    it("a session span the sampler drops still parents what runs in the session, so that it is dropped with it", async () => {
+      // Drops session spans, samples every other root, and follows the parent's decision.
+      const sampler: Sampler = {
+        shouldSample: (ctx, _traceId, name) => {
+          const parent = trace.getSpanContext(ctx);
+          if (parent !== undefined) {
+            return {
+              decision: parent.traceFlags & 1 ? SamplingDecision.RECORD_AND_SAMPLED : SamplingDecision.NOT_RECORD,
+            };
+          }
+          return {
+            decision: name.startsWith("session") ? SamplingDecision.NOT_RECORD : SamplingDecision.RECORD_AND_SAMPLED,
+          };
+        },
+        toString: () => "drop-sessions",
+      };
+      const { exporter } = registerSdk(sampler);
+      const reg = registry({ tracing: true });
+      await reg.withTransaction(async (s) => {
+        await s.query("SELECT 1");
+        trace.getTracer("app").startSpan("work", undefined, context.active()).end();
+      });
+      trace.getTracer("app").startSpan("root").end();
+      expect(exporter.getFinishedSpans().map((span) => span.name)).to.deep.equal(["root"]);
     });
   });
 
@@ -502,6 +593,12 @@ function suite(db: () => TracedDb): void {
       const sessions = named(exporter, "session");
       expect(sessions.map((s) => s.attributes["session.id"])).to.deep.equal([kept!.id, kept!.id]);
       expect(sessions.map((s) => s.attributes["session.statements"])).to.deep.equal([0, 1]);
+      // Each span counts its own statements: a third life after two statements says 1.
+      const closedAgain = deferred();
+      reg.on("close", () => closedAgain.resolve());
+      await kept!.query("SELECT 1");
+      await within(closedAgain.promise, "the session to close a second time");
+      expect(named(exporter, "session").map((s) => s.attributes["session.statements"])).to.deep.equal([0, 1, 1]);
       expect(idOf(sessions[0]!)).to.not.equal(idOf(sessions[1]!));
     });
   });

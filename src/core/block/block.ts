@@ -78,15 +78,15 @@ export async function execute<T>(bound: SessionRegistry, fn: SessionBody<T>, opt
   switch (mode) {
     case "required": {
       // The scope's session (under useTransactionalTests(), the test's); outside every scope, a new one.
-      const scope = findScope(here, registry);
-      if (opts.readOnly && host.replicated && onReplica(scope, here, registry)) {
+      if (opts.readOnly && onReplica(host, opts, here, registry)) {
         return openNew(registry, host, here, fn, { ...opts, replica: true });
       }
+      const scope = findScope(here, registry);
       if (scope !== undefined) return join(scope, host, here, fn, opts);
       return openNew(registry, host, here, fn, opts);
     }
     case "requiresNew":
-      if (opts.readOnly && host.replicated && onReplica(findScope(here, registry), here, registry)) {
+      if (opts.readOnly && onReplica(host, opts, here, registry)) {
         return openNew(registry, host, here, fn, { ...opts, replica: true });
       }
       // A session of its own, on its own connection, whatever the scope has.
@@ -105,7 +105,7 @@ export async function execute<T>(bound: SessionRegistry, fn: SessionBody<T>, opt
     case "detached":
       // A fresh scope that inherits nothing, whatever `propagation` says.
       assertSecondSessionAllowed(here, host, opts.name, "detached()");
-      if (opts.readOnly && host.replicated && !wrote(here, registry)) {
+      if (opts.readOnly && onReplica(host, opts, here, registry)) {
         return openNew(registry, host, here, fn, { ...opts, replica: true });
       }
       return openNew(registry, host, here, fn, opts);
@@ -114,11 +114,21 @@ export async function execute<T>(bound: SessionRegistry, fn: SessionBody<T>, opt
 
 /**
  * With `replicas`: whether a read-only block runs on a replica. Not when it is nested in
- * an open transaction of its scope's session (it joins that), nor once a scope it runs in
- * has written on the primary (it reads that scope's own writes there).
+ * an open transaction of its scope's session (it joins that, or a detached block leaves
+ * it alone on the primary), nor once a scope it runs in has written on the primary (it
+ * reads that scope's own writes there). Nor while the registry drains, which refuses new
+ * sessions: work in flight goes on as without replicas. Nor for SERIALIZABLE on
+ * PostgreSQL, whose hot standbys cannot run it.
  */
-function onReplica(scope: Scope | undefined, here: Frame | undefined, registry: SessionRegistry): boolean {
-  return scope?.session?._inAnyTransaction() !== true && !wrote(here, registry);
+function onReplica(
+  host: RegistryHost,
+  opts: ResolvedOptions,
+  here: Frame | undefined,
+  registry: SessionRegistry,
+): boolean {
+  if (!host.replicated || host.draining) return false;
+  if (opts.isolation === "SERIALIZABLE" && host.family === "postgres") return false;
+  return findScope(here, registry)?.session?._inAnyTransaction() !== true && !wrote(here, registry);
 }
 
 /** Run the block on the session of `scope`, which outlives it. */

@@ -73,6 +73,7 @@ export async function openExplicit(bound: SessionRegistry, options: unknown): Pr
       // No owner frame: whoever holds the session may use and end this transaction.
       await session._enter(undefined, opts);
     } catch (error) {
+      session._trace?.fail(error);
       await session.close();
       throw error;
     }

@@ -21,6 +21,8 @@ export interface RegistryHost extends SessionHost {
   timedOut(session: Session, durationMs: number): void;
   /** Throws {@link RegistryClosedError} once the registry has begun to drain. */
   assertOpen(): void;
+  /** Whether the registry has begun to drain. */
+  readonly draining: boolean;
 }
 
 /** Leases of single-connection DataSources, shared by every registry that uses one. */
@@ -71,6 +73,10 @@ export class DataSourceHost implements RegistryHost {
     this.#pool.assertOpen();
   }
 
+  get draining(): boolean {
+    return this.#pool.draining;
+  }
+
   createSession(name: string | undefined, duringDrain = false, replica = false): Session {
     if (!duringDrain || !this.dataSource.isInitialized) this.#pool.assertOpen();
     const session = Session._create(this.#registry, this, name, replica);
@@ -106,7 +112,8 @@ export class DataSourceHost implements RegistryHost {
   }
 
   closed(session: Session, durationMs: number): void {
-    session._trace?.close(session.statements);
+    // A request session may close, reopen and close again: each span counts its own statements.
+    session._trace?.close(session.statements - session._counted);
     session._trace = undefined;
     this.#pool.closed(session, durationMs);
   }

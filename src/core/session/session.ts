@@ -506,6 +506,8 @@ export class Session {
 
   /** @internal Force the session closed now (a timeout, a drain). */
   _kill(reason: Error): Promise<void> {
+    // Its spans end as the session closes: they say why first.
+    if (!this.closed) this._trace?.abort(reason);
     return this.#use().closing.kill(reason);
   }
 

@@ -188,20 +188,21 @@ export class Transactions {
 
   async #commit(level: Level): Promise<LevelOutcome> {
     if (level.rollbackOnly !== undefined) {
-      const rolledBack = await this.#rollback(level);
-      return {
-        callbacks: rolledBack.callbacks,
-        error: new PropagationError(
-          `${String(this.session)} was rolled back instead of committed: the inner block "${level.rollbackOnly}" ` +
-            `failed after joining this transaction with savepoint: false, and its error was caught. ` +
-            `Let the error propagate, or give the inner block a savepoint (the default) to undo only its own work.`,
-        ),
-      };
+      const error = new PropagationError(
+        `${String(this.session)} was rolled back instead of committed: the inner block "${level.rollbackOnly}" ` +
+          `failed after joining this transaction with savepoint: false, and its error was caught. ` +
+          `Let the error propagate, or give the inner block a savepoint (the default) to undo only its own work.`,
+      );
+      level.failure = error;
+      return { callbacks: (await this.#rollback(level)).callbacks, error };
     }
     try {
       await this.sql.call("commitTransaction");
     } catch (error) {
-      if (level.savepoint) return { callbacks: (await this.#rollback(level)).callbacks, error };
+      if (level.savepoint) {
+        level.failure = error;
+        return { callbacks: (await this.#rollback(level)).callbacks, error };
+      }
       // A failed COMMIT leaves the connection in an unknown state: never reuse it.
       this.#stack.pop(level, "rolledBack");
       await this.discard(error);

@@ -10,6 +10,8 @@ export interface TracedLevel {
   readonly savepoint: boolean;
   readonly attempt: number | undefined;
   span?: SpanLike | undefined;
+  /** Why the level is rolled back, for its span. */
+  failure: unknown;
 }
 
 /**
@@ -59,7 +61,7 @@ export class Tracing {
       { attributes },
       this.#api.context.active(),
     );
-    if (!span.isRecording()) return undefined;
+    // A span the sampler dropped still parents the statements' spans, which are then dropped too.
     return new SessionTrace(this.#api, tracer, span);
   }
 }
@@ -122,6 +124,12 @@ export class SessionTrace {
   /** The block that owned the session rejected with `error`. */
   fail(error: unknown): void {
     failed(this.span, error);
+  }
+
+  /** The session is force-closed (a timeout, a drain): it and the levels it rolls back failed with `reason`. */
+  abort(reason: Error): void {
+    failed(this.span, reason);
+    for (const level of this.#open) level.failure ??= reason;
   }
 
   /** The session closed: what is still open ends with it. */
@@ -189,7 +197,9 @@ function dbSystem(dataSource: DataSource): string {
 
 /** OpenTelemetry's `db.namespace`: the database's name (SQLite: its file), from the options or the URL. */
 function dbNamespace(dataSource: DataSource): string | undefined {
-  const options = dataSource.options as { database?: unknown; url?: unknown };
+  const all = dataSource.options as { database?: unknown; url?: unknown; replication?: { master?: unknown } };
+  // With `replication`, the primary's database (its replicas have the same).
+  const options = (all.replication?.master ?? all) as { database?: unknown; url?: unknown };
   if (typeof options.database === "string" && options.database !== "") return options.database;
   if (typeof options.url === "string") {
     try {

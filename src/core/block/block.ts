@@ -75,20 +75,18 @@ export async function execute<T>(bound: SessionRegistry, fn: SessionBody<T>, opt
   const host = ready as RegistryHost;
   const here = storage.getStore();
   const mode: Mode = opts.detached === true ? "detached" : opts.propagation;
+  // With `replicas`, a read-only block that would not join an open transaction runs on a replica.
+  if (opts.readOnly && mode !== "mandatory" && onReplica(host, opts, here, registry)) {
+    return openNew(registry, host, here, fn, { ...opts, replica: true });
+  }
   switch (mode) {
     case "required": {
       // The scope's session (under useTransactionalTests(), the test's); outside every scope, a new one.
-      if (opts.readOnly && onReplica(host, opts, here, registry)) {
-        return openNew(registry, host, here, fn, { ...opts, replica: true });
-      }
       const scope = findScope(here, registry);
       if (scope !== undefined) return join(scope, host, here, fn, opts);
       return openNew(registry, host, here, fn, opts);
     }
     case "requiresNew":
-      if (opts.readOnly && onReplica(host, opts, here, registry)) {
-        return openNew(registry, host, here, fn, { ...opts, replica: true });
-      }
       // A session of its own, on its own connection, whatever the scope has.
       assertSecondSessionAllowed(here, host, opts.name, 'propagation "requiresNew"');
       return openNew(registry, host, here, fn, opts);
@@ -105,9 +103,6 @@ export async function execute<T>(bound: SessionRegistry, fn: SessionBody<T>, opt
     case "detached":
       // A fresh scope that inherits nothing, whatever `propagation` says.
       assertSecondSessionAllowed(here, host, opts.name, "detached()");
-      if (opts.readOnly && onReplica(host, opts, here, registry)) {
-        return openNew(registry, host, here, fn, { ...opts, replica: true });
-      }
       return openNew(registry, host, here, fn, opts);
   }
 }

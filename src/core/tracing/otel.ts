@@ -28,11 +28,17 @@ export type TraceAttributes = Record<string, string | number | boolean>;
  * ```
  */
 export interface SpanLike {
+  /** Set one attribute (`session.statements` at close). */
   setAttribute(key: string, value: string | number | boolean): unknown;
+  /** Add an event (`rollback`, `retry`). */
   addEvent(name: string, attributes?: TraceAttributes): unknown;
+  /** Set the status: `{ code: 2, message }` (`SpanStatusCode.ERROR`) when the work failed. */
   setStatus(status: { code: number; message?: string }): unknown;
+  /** Record the error the work failed with. */
   recordException(exception: Error | string): unknown;
+  /** Whether the span records anything (false when the sampler dropped it). */
   isRecording(): boolean;
+  /** End the span. */
   end(): void;
 }
 
@@ -47,6 +53,7 @@ export interface SpanLike {
  * ```
  */
 export interface TracerLike {
+  /** Start a span called `name`, a child of the span in `context` (an OpenTelemetry `Context`). */
   startSpan(name: string, options?: { attributes?: TraceAttributes }, context?: unknown): SpanLike;
 }
 

@@ -153,7 +153,12 @@ export class SessionTrace {
  * const db = createSessionRegistry({ dataSource, tracing: true });
  * ```
  */
-export type TracingOption = boolean | { readonly tracer: TracerLike };
+export type TracingOption =
+  | boolean
+  | {
+      /** The tracer to start the spans with, such as `trace.getTracer("orders")`. */
+      readonly tracer: TracerLike;
+    };
 
 /** @internal The `tracing` option, checked. */
 export function tracingOption(value: unknown): TracingOption | undefined {

@@ -80,16 +80,21 @@ export class DataSourceHost implements RegistryHost {
   createSession(name: string | undefined, duringDrain = false, replica = false): Session {
     if (!duringDrain || !this.dataSource.isInitialized) this.#pool.assertOpen();
     const session = Session._create(this.#registry, this, name, replica);
-    if (this.#tracing !== undefined) session._trace = this.#tracing.start(session.id, name, replica);
+    this.#trace(session);
     this.#pool.opened(session);
     return session;
   }
 
   reopened(session: Session): boolean {
     if (this.#pool.draining) return false;
-    if (this.#tracing !== undefined) session._trace = this.#tracing.start(session.id, session.name, session.replica);
+    this.#trace(session);
     this.#pool.opened(session);
     return true;
+  }
+
+  /** With `tracing`: the session's span starts (a request session reopened gets a new one). */
+  #trace(session: Session): void {
+    if (this.#tracing !== undefined) session._trace = this.#tracing.start(session.id, session.name, session.replica);
   }
 
   timedOut(session: Session, durationMs: number): void {

@@ -169,7 +169,7 @@ export class ConnectionGate {
     structured: boolean,
   ): Promise<unknown> {
     const trace = this.#session._trace;
-    if (trace === undefined) return (real.query as AnyQuery).call(target, sql, parameters, structured);
+    if (trace === undefined) return callQuery(real, target, sql, parameters, structured);
     return trace.run(callQuery, real, target, sql, parameters, structured);
   }
 

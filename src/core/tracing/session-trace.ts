@@ -1,5 +1,6 @@
 import type { DataSource } from "typeorm";
 import { describe } from "../describe.js";
+import { familyOf } from "../driver/driver.js";
 import { type OtelApi, otelApi, STATUS_ERROR, type SpanLike, type TraceAttributes, type TracerLike } from "./otel.js";
 
 /** The name the library's tracer has when `tracing: true`. */
@@ -181,23 +182,13 @@ function message(error: unknown): string {
   return error instanceof Error ? error.message : String(error);
 }
 
-/** OpenTelemetry's `db.system` for the DataSource's driver. */
+/** OpenTelemetry's `db.system` for the DataSource's driver: the family's name, MySQL's drivers their own. */
 function dbSystem(dataSource: DataSource): string {
   const type = String(dataSource.options.type);
-  const systems: Record<string, string> = {
-    postgres: "postgresql",
-    "aurora-postgres": "postgresql",
-    sqlite: "sqlite",
-    "better-sqlite3": "sqlite",
-    sqljs: "sqlite",
-    capacitor: "sqlite",
-    cordova: "sqlite",
-    expo: "sqlite",
-    nativescript: "sqlite",
-    "react-native": "sqlite",
-    "aurora-mysql": "mysql",
-  };
-  return systems[type] ?? type;
+  const family = familyOf(dataSource);
+  if (family === "postgres" && type !== "cockroachdb") return "postgresql";
+  if (family === "sqlite") return "sqlite";
+  return type === "aurora-mysql" ? "mysql" : type;
 }
 
 /** OpenTelemetry's `db.namespace`: the database's name (SQLite: its file), from the options or the URL. */

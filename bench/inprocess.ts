@@ -5,7 +5,7 @@
  * medians; ratios are medians of the per-round ratios to the floor's batch of the same round.
  */
 import { IMPLS, makeOps, SCENARIOS, type Backend, type ImplId, type Op, type ScenarioId } from "./backends.js";
-import { calibrate, rotate, timeSerial } from "./stats.js";
+import { type RoundCell, runRounds } from "./stats.js";
 
 export interface InProcessOptions {
   readonly rounds: number;
@@ -18,11 +18,7 @@ export type Samples = Map<string, number[]>;
 
 export const key = (backend: string, scenario: ScenarioId, impl: ImplId): string => `${backend}/${scenario}/${impl}`;
 
-interface Cell {
-  readonly key: string;
-  readonly op: Op;
-  calls: number;
-}
+type Cell = RoundCell & { readonly op: Op };
 
 export async function runInProcess(
   backends: readonly Backend[],
@@ -41,23 +37,8 @@ export async function runInProcess(
       groups.push(group);
     }
   }
-  // Enable both AsyncLocalStorages before anything is measured, then size the batches.
-  for (const group of groups) for (const cell of group) await cell.op();
-  for (const group of groups) {
-    for (const cell of group) cell.calls = await calibrate(cell.op, options.batchMs);
-  }
-  const samples: Samples = new Map();
-  const started = performance.now();
-  for (let round = 0; round < options.rounds; round++) {
-    for (const group of groups) {
-      for (const cell of rotate(group, round)) {
-        const us = await timeSerial(cell.op, cell.calls);
-        let list = samples.get(cell.key);
-        if (list === undefined) samples.set(cell.key, (list = []));
-        list.push(us);
-      }
-    }
-    log(`  round ${round + 1}/${options.rounds} done (${((performance.now() - started) / 1000).toFixed(1)} s)`);
-  }
-  return samples;
+  // The warm-up run also enables both AsyncLocalStorages before anything is measured.
+  return runRounds(groups, options, (round, seconds) =>
+    log(`  round ${round}/${options.rounds} done (${seconds.toFixed(1)} s)`),
+  );
 }

@@ -119,3 +119,38 @@ export async function calibrate(op: () => Promise<unknown>, targetMs: number, ma
       : ((performance.now() - half) * 1000) / (calls - halfCalls);
   return Math.max(1, Math.min(maxCalls, Math.round((targetMs * 1000) / Math.max(usPerCall, 0.001))));
 }
+
+/** One measured cell: its key in the samples, what it runs, and how many calls make a batch. */
+export interface RoundCell {
+  readonly key: string;
+  readonly op: () => Promise<unknown>;
+  calls: number;
+}
+
+/**
+ * Interleaved rounds: run every cell once (warm-up), size each cell's batch to `batchMs`, then
+ * in each round time one batch of every cell of every group, in an order that rotates per round.
+ * Returns µs per call, one value per round, by key; `progress(round, seconds)` after each round.
+ */
+export async function runRounds(
+  groups: readonly (readonly RoundCell[])[],
+  options: { readonly rounds: number; readonly batchMs: number },
+  progress: (round: number, seconds: number) => void,
+): Promise<Map<string, number[]>> {
+  for (const group of groups) for (const cell of group) await cell.op();
+  for (const group of groups) for (const cell of group) cell.calls = await calibrate(cell.op, options.batchMs);
+  const samples = new Map<string, number[]>();
+  const started = performance.now();
+  for (let round = 0; round < options.rounds; round++) {
+    for (const group of groups) {
+      for (const cell of rotate(group, round)) {
+        const us = await timeSerial(cell.op, cell.calls);
+        let list = samples.get(cell.key);
+        if (list === undefined) samples.set(cell.key, (list = []));
+        list.push(us);
+      }
+    }
+    progress(round + 1, (performance.now() - started) / 1000);
+  }
+  return samples;
+}

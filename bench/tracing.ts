@@ -14,7 +14,7 @@ import "reflect-metadata";
 import { DataSource, type DataSourceOptions, type EntityManager } from "typeorm";
 import { createSessionRegistry, type SessionRegistry } from "../src/index.js";
 import { BenchNote } from "./entities.js";
-import { calibrate, fmtRatio, fmtUs, median, pairedRatio, pairedRatios, medianInterval, rotate, table, timeSerial } from "./stats.js"; // prettier-ignore
+import { fmtRatio, fmtUs, median, pairedRatio, pairedRatios, medianInterval, type RoundCell, runRounds, table } from "./stats.js"; // prettier-ignore
 
 /** `plain`: no SDK in the process; `sdk`: the in-memory SDK registered before anything runs. */
 export type TracingChild = "plain" | "sdk";
@@ -68,12 +68,6 @@ async function open(options: DataSourceOptions): Promise<DataSource> {
   return ds;
 }
 
-interface Cell {
-  readonly key: string;
-  readonly op: () => Promise<unknown>;
-  calls: number;
-}
-
 /**
  * Measures floor, off and `tracing: true` for every scenario on SQLite in memory and (with `pgUrl`) PostgreSQL,
  * in this process; `child: "sdk"` registers the in-memory SDK first.
@@ -101,7 +95,7 @@ export async function runTracing(
   }
   const sources: DataSource[] = [];
   const registries: SessionRegistry[] = [];
-  const groups: Cell[][] = [];
+  const groups: RoundCell[][] = [];
   const spansPerBlock: Partial<Record<TracingScenario, number>> = {};
   try {
     for (const b of backends) {
@@ -173,23 +167,11 @@ export async function runTracing(
       }
     }
 
-    for (const group of groups) for (const cell of group) await cell.op();
-    for (const group of groups) for (const cell of group) cell.calls = await calibrate(cell.op, options.batchMs);
-    const samples = new Map<string, number[]>();
-    const started = performance.now();
-    for (let round = 0; round < options.rounds; round++) {
-      for (const group of groups) {
-        for (const cell of rotate(group, round)) {
-          const us = await timeSerial(cell.op, cell.calls);
-          let list = samples.get(cell.key);
-          if (list === undefined) samples.set(cell.key, (list = []));
-          list.push(us);
-        }
+    const samples = await runRounds(groups, options, (round, seconds) => {
+      if (round % 5 === 0 || round === options.rounds) {
+        log(`  tracing (${child}) round ${round}/${options.rounds} (${seconds.toFixed(1)} s)`);
       }
-      if ((round + 1) % 5 === 0 || round + 1 === options.rounds) {
-        log(`  tracing (${child}) round ${round + 1}/${options.rounds} (${((performance.now() - started) / 1000).toFixed(1)} s)`); // prettier-ignore
-      }
-    }
+    });
     exporter?.reset();
     return { child, samples: [...samples], ...(exporter === undefined ? {} : { spansPerBlock }) };
   } finally {
